@@ -1,0 +1,59 @@
+"""The examples run and show what they claim, in their seeded ``--quick`` mode.
+
+examples/ is not a package: each example is loaded from its file, as a user would run it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    path = EXAMPLES / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"torch_maml_example_{name}", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def sinusoid() -> ModuleType:
+    return load_example("sinusoid")
+
+
+def test_sinusoid_quick_run_learns_to_adapt(
+    sinusoid: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = sinusoid.main(["--quick"])
+
+    # Seeded, hence deterministic: on the reference machine (torch 2.13 CPU) the quick
+    # run gives a query MSE of 6.30 before adaptation and 1.54 after (ratio 0.24), and
+    # the random-init baseline 4.37 and 4.17 (ratio 0.95). The bounds leave a factor of
+    # about 2 (1.6 for the baseline comparison) for other CPUs and torch builds.
+    assert result.meta_post_mse < 0.5 * result.meta_pre_mse
+    assert result.meta_post_mse < 0.6 * result.baseline_post_mse
+    # The random initialisation adapted with the same N steps barely improves.
+    assert result.baseline_post_mse > 0.8 * result.baseline_pre_mse
+
+    out = capsys.readouterr().out
+    assert "meta loss" in out
+    assert "meta-trained (MAML)" in out
+    assert "random init baseline" in out
+
+
+@pytest.mark.parametrize("argv", [["--iterations", "0"], ["--outer-lr", "-1"], ["--outer", "x"]])
+def test_sinusoid_rejects_bad_arguments(
+    sinusoid: ModuleType, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        sinusoid.main(argv)
+    assert exit_info.value.code == 2
+    assert "error" in capsys.readouterr().err

@@ -1,0 +1,22 @@
+"""Exceptions and warnings that torch_maml raises on its own account."""
+
+from __future__ import annotations
+
+__all__ = ["InnerStepSizeWarning", "NonFiniteError"]
+
+
+class NonFiniteError(FloatingPointError):
+    """A meta step produced a NaN or infinite loss, meta gradient or step size.
+
+    Raised before any weight changes: the model and the optimizer are left exactly
+    as they were before the failing call.
+    """
+
+
+class InnerStepSizeWarning(UserWarning):
+    """The inner step size breaks the bound of the paper's convergence guarantee.
+
+    Propositions 3-4 and Theorems 5 and 9 of Ji, Yang & Liang need
+    ``alpha < (2**(1/(2N)) - 1) / L``. The bound is sufficient, not necessary:
+    training may still converge above it, but the paper's guarantee no longer applies.
+    """

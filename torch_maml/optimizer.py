@@ -1,0 +1,432 @@
+r"""The :class:`MetaOptimizer`: multi-step MAML as a ``torch.optim.Optimizer``.
+
+One meta iteration (Algorithm 1 line 11, Algorithm 2 line 9):
+
+.. math:: w_{k+1} = w_k - \beta_k \frac{1}{|B_k|}\sum_{i \in B_k} \hat G_i(w_k)
+
+where the estimator gives :math:`\hat G_i` and the step-size policy :math:`\beta_k`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Generic, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ._validation import positive_int
+from .errors import NonFiniteError
+from .estimators import MetaGradient, MetaGradientEstimator
+from .functional import MetaObjective, OracleCounts, TaskLoss, adapt, loss_grad
+from .inner import InnerLoop
+from .step_size import Setting, SmoothnessAdaptive, StepContext, StepSize, StepSizePolicy
+from .tasks import Sampler, SupportQuery, Task, task_kind
+from .typing import BatchT, LossFn, ModelT, Params
+
+__all__ = ["MetaBackwardInfo", "MetaOptimizer", "MetaStepInfo"]
+
+
+class MetaStepInfo(NamedTuple):
+    """What one :meth:`MetaOptimizer.step` did."""
+
+    loss: Tensor
+    """Mean outer (query) loss after adaptation, at ``w_k`` (before the update); detached."""
+    beta: float
+    """The outer step size ``beta_k`` used."""
+    grad_evals: int
+    """Gradient evaluations this step, probe gradients included (SPEC section 6)."""
+    hvp_evals: int
+    """Hessian-vector products this step (SPEC section 6)."""
+    lhat: float | None
+    """The smoothness estimate ``Lhat(w_k)`` (eq. 14 / 22), if the policy computed one."""
+
+
+class MetaBackwardInfo(NamedTuple):
+    """What one :meth:`MetaOptimizer.meta_backward` did."""
+
+    loss: Tensor
+    """Mean outer (query) loss after adaptation; detached."""
+    grad_evals: int
+    """Gradient evaluations made."""
+    hvp_evals: int
+    """Hessian-vector products made."""
+
+
+def _describe_component(component: object) -> str:
+    """A run-independent description of a component, for state_dict checks."""
+    if dataclasses.is_dataclass(component):
+        return repr(component)
+    return f"{type(component).__module__}.{type(component).__qualname__}"
+
+
+class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
+    r"""Multi-step MAML for any ``nn.Module``, with torch.optim's conventions.
+
+    Each :meth:`step` adapts the model to every task of a meta-batch with
+    ``inner_loop``, estimates the meta gradient with ``estimator``, and moves the
+    model's trainable parameters by ``-beta_k`` times it, ``beta_k`` from ``step_size``:
+
+    .. math:: w_{k+1} = w_k - \beta_k \frac{1}{|B_k|}\sum_{i \in B_k} \hat G_i(w_k)
+
+    The meta parameters ``w`` are the model's parameters with ``requires_grad=True``,
+    all adapted in the inner loop; other parameters and buffers are used as they are.
+
+    Args:
+        model: the module whose parameters are meta-learned (updated in place).
+        loss_fn: ``loss_fn(model, batch) -> scalar Tensor``. It is called with
+            ``model`` itself, its parameters swapped for the adapted ones, so it may
+            call the model or any of its submodules.
+        inner_loop: the inner optimiser, e.g. :class:`~torch_maml.GradientDescent`.
+        estimator: the meta-gradient estimator: :class:`~torch_maml.Exact`,
+            :class:`~torch_maml.FiniteSum` or :class:`~torch_maml.Resampled`.
+        step_size: the outer step-size policy: :class:`~torch_maml.Constant` or
+            :class:`~torch_maml.SmoothnessAdaptive`. Its ``lr`` is the initial
+            ``param_groups[0]["lr"]``.
+        generator: the generator that sampler tasks draw from (saved in
+            :meth:`state_dict`). Default: a new one seeded from torch's global RNG,
+            so ``torch.manual_seed`` makes runs reproducible.
+
+    References:
+        C. Finn, P. Abbeel, S. Levine. *Model-Agnostic Meta-Learning for Fast
+        Adaptation of Deep Networks.* ICML 2017.
+        K. Ji, J. Yang, Y. Liang. *Theoretical Convergence of Multi-Step
+        Model-Agnostic Meta-Learning.* JMLR 2022.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, torch_maml as tm
+        >>> model = torch.nn.Linear(1, 1)
+        >>> def loss_fn(model, batch):
+        ...     x, y = batch
+        ...     return F.mse_loss(model(x), y)
+        >>> meta_opt = tm.MetaOptimizer(
+        ...     model, loss_fn,
+        ...     inner_loop=tm.GradientDescent(steps=2, lr=0.1),
+        ...     estimator=tm.FiniteSum(),
+        ...     step_size=tm.Constant(0.01),
+        ... )
+        >>> x = torch.randn(8, 1)
+        >>> info = meta_opt.step([tm.SupportQuery((x[:4], 2 * x[:4]), (x[4:], 2 * x[4:]))])
+        >>> info.grad_evals, info.hvp_evals
+        (3, 2)
+    """
+
+    def __init__(
+        self,
+        model: ModelT,
+        loss_fn: LossFn[ModelT, BatchT],
+        *,
+        inner_loop: InnerLoop,
+        estimator: MetaGradientEstimator,
+        step_size: StepSizePolicy,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"'model' must be a torch.nn.Module (got an object of type {type(model).__name__})"
+            )
+        if not callable(loss_fn):
+            raise TypeError(
+                "'loss_fn' must be callable as loss_fn(model, batch) "
+                f"(got an object of type {type(loss_fn).__name__})"
+            )
+        for name, component, protocol in (
+            ("inner_loop", inner_loop, InnerLoop),
+            ("estimator", estimator, MetaGradientEstimator),
+            ("step_size", step_size, StepSizePolicy),
+        ):
+            if not isinstance(component, protocol):
+                raise TypeError(
+                    f"'{name}' must implement the {protocol.__name__} protocol "
+                    f"(got an object of type {type(component).__name__})"
+                )
+        positive_int("inner_loop.steps", inner_loop.steps)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                "'generator' must be a torch.Generator or None "
+                f"(got an object of type {type(generator).__name__})"
+            )
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("'model' has no trainable parameters (none with requires_grad=True)")
+        if isinstance(step_size, SmoothnessAdaptive):
+            step_size.check(inner_loop, stacklevel=2)
+
+        super().__init__(named, {"lr": step_size.lr})
+        self.model = model
+        self.inner_loop = inner_loop
+        self.estimator = estimator
+        self.step_size = step_size
+        self.objective = MetaObjective(TaskLoss(model, loss_fn, [n for n, _ in named]), inner_loop)
+        if generator is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+            generator = torch.Generator().manual_seed(seed)
+        self.generator = generator
+        self.meta_steps = 0
+        """The number ``k`` of meta steps taken by :meth:`step`."""
+
+    # torch.optim.Optimizer.step takes an optional loss closure; a meta step needs a
+    # meta-batch instead, and returns what it did. No signature can be both (the
+    # base's overloads return None or float), so this override is deliberately not
+    # Liskov-compatible, as torch's own LBFGS.step(closure) is not; calling it with a
+    # closure raises a TypeError that says so.
+    def step(  # type: ignore[override]
+        self,
+        tasks: Sequence[Task[BatchT]],
+        *,
+        probe_tasks: Sequence[Task[BatchT]] | None = None,
+    ) -> MetaStepInfo:
+        r"""One meta iteration: ``w_{k+1} = w_k - beta_k * mean_i G_i(w_k)``.
+
+        Does not read or write ``p.grad``. If anything fails (bad input, a NaN),
+        the model's parameters and the optimizer's state are left as they were.
+
+        Args:
+            tasks: the meta-batch ``B_k``: SupportQuery tasks or samplers, one kind.
+            probe_tasks: the independent task batch ``B'_k`` on which a
+                smoothness-adaptive policy measures gradient norms (default: ``tasks``).
+
+        Returns:
+            :class:`MetaStepInfo`: loss, beta, grad_evals, hvp_evals, lhat.
+
+        Raises:
+            NonFiniteError: the loss, the meta gradient or the step size is NaN or Inf.
+        """
+        self._reject_closure(tasks)
+        setting = self._setting(tasks, "tasks")
+        if probe_tasks is not None and self._setting(probe_tasks, "probe_tasks") != setting:
+            raise TypeError("'probe_tasks' must be of the same kind as 'tasks'")
+        with self._restoring_generator_on_error():
+            params = self.objective.loss.params()
+            result = self._meta_gradient(params, tasks)
+            probe_counts = OracleCounts()
+            context = StepContext(
+                lr=float(self.param_groups[0]["lr"]),
+                step=self.meta_steps,
+                inner_loop=self.inner_loop,
+                setting=setting,
+                probe_grad_norm=lambda size: self._probe_grad_norm(
+                    params, probe_tasks if probe_tasks is not None else tasks, size, probe_counts
+                ),
+            )
+            size = self.step_size(context)
+            self._check_step_size(size)
+            with torch.no_grad():
+                for name, p in self._named_params():
+                    p.add_(result.grads[name], alpha=-size.beta)
+        self.meta_steps += 1
+        return MetaStepInfo(
+            loss=result.loss,
+            beta=size.beta,
+            grad_evals=result.grad_evals + probe_counts.grad_evals,
+            hvp_evals=result.hvp_evals,
+            lhat=size.lhat,
+        )
+
+    def meta_backward(self, tasks: Sequence[Task[BatchT]]) -> MetaBackwardInfo:
+        r"""Add the meta gradient ``mean_i G_i(w_k)`` into each parameter's ``.grad``.
+
+        Like ``loss.backward()``: sums into an existing ``.grad`` and creates it
+        where it is ``None``, so any ``torch.optim`` optimizer (Adam...) can take
+        the outer step. No ``.grad`` changes if it fails.
+
+        Args:
+            tasks: the meta-batch: SupportQuery tasks or samplers, one kind.
+        """
+        self._reject_closure(tasks)
+        self._setting(tasks, "tasks")
+        with self._restoring_generator_on_error():
+            result = self._meta_gradient(self.objective.loss.params(), tasks)
+        with torch.no_grad():
+            for name, p in self._named_params():
+                if p.grad is None:
+                    p.grad = result.grads[name].clone()
+                else:
+                    p.grad.add_(result.grads[name])
+        return MetaBackwardInfo(result.loss, result.grad_evals, result.hvp_evals)
+
+    def adapt(
+        self,
+        task: Task[BatchT],
+        *,
+        steps: int | None = None,
+        inner_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Params:
+        """The weights adapted to one task by the inner loop, from the current ``w``.
+
+        Use them with ``torch.func.functional_call(model, params, args)``. The
+        inner loop runs on the task's support set (SupportQuery) or on fresh
+        samples of ``inner_size`` (samplers).
+
+        Args:
+            task: a SupportQuery task or a sampler.
+            steps: number of inner steps (default: ``inner_loop.steps``); more steps
+                at test time than in training is common.
+            inner_size: samples per step for a sampler (default: the estimator's
+                ``inner_size``).
+            generator: generator for a sampler's draws (default: the optimizer's).
+
+        Returns:
+            The adapted parameters by name, detached.
+        """
+        if not isinstance(task, (SupportQuery, Sampler)):
+            raise TypeError(
+                "'task' must be a SupportQuery or have a sample(size, generator) method "
+                f"(got an object of type {type(task).__name__})"
+            )
+        count = self.inner_loop.steps if steps is None else positive_int("steps", steps)
+        if isinstance(task, SupportQuery):
+            batches = [task.support] * count
+        else:
+            size = (
+                inner_size
+                if inner_size is not None
+                else getattr(self.estimator, "inner_size", None)
+            )
+            if not isinstance(size, int) or isinstance(size, bool):
+                raise ValueError(
+                    "adapting to a sampler task needs 'inner_size' (the estimator has none)"
+                )
+            size = positive_int("inner_size", size)
+            draw_from = self.generator if generator is None else generator
+            batches = [task.sample(size, generator=draw_from) for _ in range(count)]
+        return adapt(self.objective, self.objective.loss.params(), batches)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state: param_groups, meta step count, generator, configuration.
+
+        Resuming needs the model's own ``state_dict`` too, as with any torch optimizer.
+        """
+        state = super().state_dict()
+        state["meta"] = {
+            "meta_steps": self.meta_steps,
+            "generator": self.generator.get_state(),
+            "config": self._config(),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output, refusing one of another configuration.
+
+        Raises:
+            ValueError: the dict was saved by a MetaOptimizer with other parameters
+                or other components (the message lists what differs).
+        """
+        if not isinstance(state_dict, dict) or "meta" not in state_dict:
+            raise ValueError(
+                "'state_dict' must come from MetaOptimizer.state_dict() (it has no 'meta' entry)"
+            )
+        meta = state_dict["meta"]
+        saved, ours = meta["config"], self._config()
+        differences = [
+            f"{key}: saved {saved.get(key)!r}, this optimizer has {ours[key]!r}"
+            for key in ours
+            if saved.get(key) != ours[key]
+        ]
+        if differences:
+            raise ValueError(
+                "'state_dict' comes from a MetaOptimizer of another configuration: "
+                + "; ".join(differences)
+            )
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "meta"})
+        self.generator.set_state(meta["generator"])
+        self.meta_steps = int(meta["meta_steps"])
+
+    # ------------------------------------------------------------------ internals
+
+    def _named_params(self) -> list[tuple[str, nn.Parameter]]:
+        group = self.param_groups[0]
+        return list(zip(group["param_names"], group["params"], strict=True))
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "params": [(name, tuple(p.shape), str(p.dtype)) for name, p in self._named_params()],
+            "inner_loop": _describe_component(self.inner_loop),
+            "estimator": _describe_component(self.estimator),
+            "step_size": _describe_component(self.step_size),
+        }
+
+    @staticmethod
+    def _reject_closure(tasks: object) -> None:
+        if callable(tasks):
+            raise TypeError(
+                "MetaOptimizer takes a meta-batch of tasks, not a loss closure "
+                "(a sequence of SupportQuery tasks or samplers)"
+            )
+
+    @staticmethod
+    def _setting(tasks: object, name: str) -> Setting:
+        return "finite-sum" if task_kind(tasks, name) == "support-query" else "resampling"
+
+    def _restoring_generator_on_error(self) -> _RestoreGenerator:
+        return _RestoreGenerator(self.generator)
+
+    def _meta_gradient(self, params: Params, tasks: Sequence[Task[BatchT]]) -> MetaGradient:
+        result = self.estimator.meta_gradient(self.objective, params, tasks, self.generator)
+        values = [result.loss.reshape(1)] + [g.reshape(-1) for g in result.grads.values()]
+        if not bool(torch.isfinite(torch.cat(values)).all()):
+            what = "outer loss" if not bool(torch.isfinite(result.loss)) else "meta gradient"
+            raise NonFiniteError(
+                f"the meta step produced a non-finite {what} (loss={result.loss.item():.6g}); "
+                "no weights were changed. Lower the inner or outer step size, or check the data."
+            )
+        return result
+
+    def _probe_grad_norm(
+        self,
+        params: Params,
+        tasks: Sequence[Task[BatchT]],
+        size: int | None,
+        counts: OracleCounts,
+    ) -> float:
+        norms = []
+        for task in tasks:
+            if isinstance(task, SupportQuery):
+                batch = task.query
+            else:
+                probe_size = (
+                    size if size is not None else getattr(self.estimator, "outer_size", None)
+                )
+                if not isinstance(probe_size, int) or isinstance(probe_size, bool):
+                    raise ValueError(
+                        "measuring probe gradients on sampler tasks needs a 'probe_size' "
+                        "(the estimator has no outer_size)"
+                    )
+                batch = task.sample(probe_size, generator=self.generator)
+            grads, _ = loss_grad(self.objective.loss, params, batch)
+            counts.grad_evals += 1
+            norms.append(torch.cat([g.reshape(-1) for g in grads.values()]).norm())
+        return float(torch.stack(norms).mean())
+
+    @staticmethod
+    def _check_step_size(size: StepSize) -> None:
+        if not isinstance(size, StepSize):
+            raise TypeError(
+                "'step_size' must return a StepSize(beta, lhat) "
+                f"(got an object of type {type(size).__name__})"
+            )
+        beta = size.beta
+        if not isinstance(beta, (int, float)) or isinstance(beta, bool):
+            raise TypeError(f"'step_size' returned a beta that is not a number (got {beta!r})")
+        if not (beta > 0 and beta < float("inf")):
+            raise NonFiniteError(
+                f"'step_size' returned beta={beta}: it must be a finite number > 0; "
+                "no weights were changed"
+            )
+
+
+class _RestoreGenerator:
+    """Context manager: on an exception, put the generator back as it was."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self._generator = generator
+        self._state = generator.get_state()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        if exc_type is not None:
+            self._generator.set_state(self._state)
