@@ -345,3 +345,25 @@ def test_reported_loss_is_the_mean_query_loss_after_adaptation(gen: torch.Genera
     expected = meta_objective(tasks, 3, ALPHA, weights)
     info = meta_opt.step(tasks)
     assert abs(float(info.loss) - float(expected)) <= TIGHT * float(expected)
+
+
+def test_resampled_is_reproducible_from_a_seeded_generator() -> None:
+    tasks = [RegressionSampler(1.5, 0.3), RegressionSampler(0.7, 1.1)]
+
+    def run(seed: int) -> list[Tensor]:
+        model = make_mlp(0)
+        meta_opt = tm.MetaOptimizer(
+            model,
+            mse_loss,
+            inner_loop=tm.GradientDescent(steps=3, lr=ALPHA),
+            estimator=tm.Resampled(INNER, HESSIAN, OUTER),
+            step_size=tm.Constant(0.1),
+            generator=torch.Generator().manual_seed(seed),
+        )
+        for _ in range(3):
+            meta_opt.step(tasks)
+        return [p.detach().clone() for p in model.parameters()]
+
+    first, again, other = run(5), run(5), run(6)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))

@@ -246,7 +246,8 @@ def test_frozen_parameters_are_neither_adapted_nor_updated() -> None:
     meta_opt.step(tasks)
     assert torch.equal(first.bias, frozen)
     assert "0.bias" not in meta_opt.adapt(tasks[0])
-    assert meta_opt.param_groups[0]["param_names"] == ["0.weight", "2.weight", "2.bias"]
+    trainable = [first.weight, model[2].weight, model[2].bias]
+    assert meta_opt.param_groups[0]["params"] == trainable
 
 
 # ---------------------------------------------------------------- bad input
@@ -466,4 +467,6 @@ def test_zero_grad_and_param_groups_follow_torch_optim() -> None:
     assert isinstance(meta_opt, torch.optim.Optimizer)
     assert len(meta_opt.param_groups) == 1
     assert meta_opt.param_groups[0]["params"] == list(model.parameters())
+    with pytest.raises(TypeError, match="MetaOptimizer has one parameter group"):
+        meta_opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)]})
     copy.deepcopy(meta_opt.state_dict())  # plain data, copyable

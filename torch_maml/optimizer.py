@@ -153,7 +153,9 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         if isinstance(step_size, SmoothnessAdaptive):
             step_size.check(inner_loop, stacklevel=2)
 
-        super().__init__(named, {"lr": step_size.lr})
+        # Plain tensors, not (name, tensor) pairs: named param groups need torch >= 2.5.
+        super().__init__([p for _, p in named], {"lr": step_size.lr})
+        self._param_names = [name for name, _ in named]
         self.model = model
         self.inner_loop = inner_loop
         self.estimator = estimator
@@ -336,9 +338,21 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
 
     # ------------------------------------------------------------------ internals
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused after construction: the meta parameters are the model's, in one group.
+
+        Raises:
+            TypeError: always, once the optimizer is built.
+        """
+        if self.param_groups:
+            raise TypeError(
+                "MetaOptimizer has one parameter group, the model's trainable parameters; "
+                "it cannot take another (freeze parameters with requires_grad_(False) instead)"
+            )
+        super().add_param_group(param_group)
+
     def _named_params(self) -> list[tuple[str, nn.Parameter]]:
-        group = self.param_groups[0]
-        return list(zip(group["param_names"], group["params"], strict=True))
+        return list(zip(self._param_names, self.param_groups[0]["params"], strict=True))
 
     def _config(self) -> dict[str, Any]:
         return {
