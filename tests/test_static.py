@@ -2,7 +2,7 @@
 
 ``mypy --strict`` covers torch_maml/, tests/ (including tests/typing_cases: a user's
 package that must type-check, and usage that must be rejected) and examples/;
-ruff checks lint and formatting. Both are configured in pyproject.toml.
+ruff checks lint and formatting, of benchmarks/ too. Both are configured in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def test_mypy_strict() -> None:
 
 def test_ruff() -> None:
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    lint = run(ruff, "check", "torch_maml", "tests", "examples")
+    lint = run(ruff, "check", "torch_maml", "tests", "examples", "benchmarks")
     assert lint.returncode == 0, lint.stdout + lint.stderr
-    formatting = run(ruff, "format", "--check", "torch_maml", "tests", "examples")
+    formatting = run(ruff, "format", "--check", "torch_maml", "tests", "examples", "benchmarks")
     assert formatting.returncode == 0, formatting.stdout + formatting.stderr

@@ -9,10 +9,11 @@ Model-Agnostic Meta-Learning" (JMLR 2022).
 """
 
 from . import functional, theory
-from .errors import InnerStepSizeWarning, NonFiniteError
+from .errors import CompileWarning, InnerStepSizeWarning, NonFiniteError
 from .estimators import Exact, FiniteSum, MetaGradient, MetaGradientEstimator, Resampled
-from .functional import MetaObjective, TaskLoss
+from .functional import TaskLoss
 from .inner import GradientDescent, InnerLoop
+from .objective import MetaObjective
 from .optimizer import MetaBackwardInfo, MetaOptimizer, MetaStepInfo
 from .step_size import (
     Constant,
@@ -22,11 +23,12 @@ from .step_size import (
     StepSize,
     StepSizePolicy,
 )
-from .tasks import Sampler, SupportQuery, Task
+from .tasks import Sampler, StackedTasks, SupportQuery, Task
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompileWarning",
     "Constant",
     "Exact",
     "FiniteSum",
@@ -44,6 +46,7 @@ __all__ = [
     "Sampler",
     "Setting",
     "SmoothnessAdaptive",
+    "StackedTasks",
     "StepContext",
     "StepSize",
     "StepSizePolicy",

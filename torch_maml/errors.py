@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["InnerStepSizeWarning", "NonFiniteError"]
+__all__ = ["CompileWarning", "InnerStepSizeWarning", "NonFiniteError"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -19,4 +19,11 @@ class InnerStepSizeWarning(UserWarning):
     Propositions 3-4 and Theorems 5 and 9 of Ji, Yang & Liang need
     ``alpha < (2**(1/(2N)) - 1) / L``. The bound is sufficient, not necessary:
     training may still converge above it, but the paper's guarantee no longer applies.
+    """
+
+
+class CompileWarning(UserWarning):
+    """``torch.compile`` could not compile a MetaOptimizer's meta step: it runs eagerly.
+
+    Issued once per optimizer; the results are the same, only slower.
     """

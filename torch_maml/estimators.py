@@ -15,30 +15,37 @@ estimator          inner step ``batch_j``      Hessian ``hess_j``      outer bat
 :class:`FiniteSum` support ``S_i``             ``S_i``                 query ``T_i``
 :class:`Resampled` fresh ``S_{k,j}``           fresh ``D_{k,j}``       fresh ``T_k``
 =================  ==========================  ======================  ====================
+
+All three run vectorised over tasks (``torch.func.vmap``) when the tasks' batches
+stack, in chunks of the objective's ``task_chunk_size``, and task by task otherwise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from ._validation import optional_positive_int, positive_int
-from .functional import (
-    MetaObjective,
-    OracleCounts,
-    recursion_meta_gradient,
-    unrolled_meta_gradient,
+from .batching import (
+    Method,
+    TaskData,
+    chunk_sizes,
+    chunk_sum,
+    expand_params,
+    plan_chunk_size,
+    stack_task_data,
+    take,
 )
-from .tasks import Sampler, SupportQuery, Task, task_kind
+from .functional import OracleCounts, recursion_meta_gradient, unrolled_meta_gradient
+from .objective import MetaObjective
+from .tasks import Sampler, StackedTasks, SupportQuery, Task, task_kind
 from .typing import Batch, Params
 
 __all__ = ["Exact", "FiniteSum", "MetaGradient", "MetaGradientEstimator", "Resampled"]
-
-TaskT = TypeVar("TaskT")
 
 
 class MetaGradient(NamedTuple):
@@ -68,7 +75,7 @@ class MetaGradientEstimator(Protocol):
         """The meta gradient at ``params`` (``w_k``), averaged over ``tasks``.
 
         Args:
-            objective: the task loss and the inner loop.
+            objective: the task loss, the inner loop, and the operations on them.
             params: the meta parameters ``w_k``, detached.
             tasks: a non-empty meta-batch of one kind of task.
             generator: the generator to draw any fresh samples from.
@@ -76,19 +83,63 @@ class MetaGradientEstimator(Protocol):
         ...
 
 
-def _mean_over(
-    tasks: Sequence[TaskT], meta_gradient: Callable[[TaskT, OracleCounts], tuple[Params, Tensor]]
+class _Stacked(NamedTuple):
+    """Task data already stacked along a leading dimension of ``count`` tasks."""
+
+    data: TaskData
+    size: int
+
+
+def _mean_meta_gradient(
+    objective: MetaObjective,
+    params: Params,
+    tasks: Sequence[TaskData] | _Stacked,
+    method: Method,
 ) -> MetaGradient:
-    """Average ``meta_gradient(task, counts) -> (G_i, loss_i)`` over the meta-batch."""
+    """Average the meta gradient over the tasks, vectorising chunks of them."""
+    count = tasks.size if isinstance(tasks, _Stacked) else len(tasks)
+    sample = take(tasks.data, 0) if isinstance(tasks, _Stacked) else tasks[0]
+    footprint = None
+    if objective.task_chunk_size == "auto" and count > 1:
+        footprint = objective.footprint(params, sample, method)
+    largest = plan_chunk_size(objective.task_chunk_size, count, footprint)
+
     counts = OracleCounts()
-    totals, loss = meta_gradient(tasks[0], counts)
-    for task in tasks[1:]:
-        grads, value = meta_gradient(task, counts)
+    sums: list[tuple[Params, Tensor]] = []  # per chunk: the sums over its tasks
+
+    def run(data: TaskData, size: int) -> None:
+        batched = size > 1
+        ops = objective.ops(batched)
+        start = expand_params(params, size) if batched else params
+        if method == "recursion":
+            grads, loss = recursion_meta_gradient(
+                ops, start, data.inner, data.hessian, data.outer, counts, tasks=size
+            )
+        else:
+            grads, loss = unrolled_meta_gradient(ops, start, data.inner, data.outer, counts, size)
+        sums.append((chunk_sum(grads, batched), chunk_sum(loss, batched)))
+
+    begin = 0
+    for size in chunk_sizes(count, largest):
+        if isinstance(tasks, _Stacked):
+            chunk = take(tasks.data, begin if size == 1 else slice(begin, begin + size))
+            run(chunk, size)
+        else:
+            items = tasks[begin : begin + size]
+            stacked = stack_task_data(items) if size > 1 else None
+            if stacked is not None:
+                run(stacked, size)
+            else:  # a single task, or tasks whose batches do not stack: one by one
+                for item in items:
+                    run(item, 1)
+        begin += size
+    totals, loss_total = sums[0]
+    for grads, loss in sums[1:]:
         totals = {name: total + grads[name] for name, total in totals.items()}
-        loss = loss + value
+        loss_total = loss_total + loss
     return MetaGradient(
-        grads={name: total / len(tasks) for name, total in totals.items()},
-        loss=loss / len(tasks),
+        grads={name: total / count for name, total in totals.items()},
+        loss=loss_total / count,
         grad_evals=counts.grad_evals,
         hvp_evals=counts.hvp_evals,
     )
@@ -98,7 +149,7 @@ def _draws(task: Sampler[Any], size: int, count: int, generator: torch.Generator
     return [task.sample(size, generator=generator) for _ in range(count)]
 
 
-def _support_query_tasks(estimator: str, tasks: Sequence[Task[Any]]) -> list[SupportQuery[Any]]:
+def _support_query(estimator: str, tasks: Sequence[Task[Any]]) -> list[SupportQuery[Any]]:
     if task_kind(tasks) != "support-query":
         raise TypeError(
             f"{estimator} needs SupportQuery tasks (a support and a query set); "
@@ -107,13 +158,27 @@ def _support_query_tasks(estimator: str, tasks: Sequence[Task[Any]]) -> list[Sup
     return [task for task in tasks if isinstance(task, SupportQuery)]
 
 
-def _sampler_tasks(estimator: str, tasks: Sequence[Task[Any]]) -> list[Sampler[Any]]:
+def _samplers(estimator: str, tasks: Sequence[Task[Any]]) -> list[Sampler[Any]]:
     if task_kind(tasks) != "sampler":
         raise TypeError(
             f"{estimator} needs tasks with a sample(size, generator) method; "
             "'tasks' holds SupportQuery tasks: use FiniteSum() or Exact() for them"
         )
     return [task for task in tasks if not isinstance(task, SupportQuery)]
+
+
+def _support_query_data(
+    tasks: Sequence[Task[Any]], estimator: str, steps: int, hessian: bool
+) -> list[TaskData] | _Stacked:
+    """Support set at every step (and as every Hessian batch), query set outside."""
+    if isinstance(tasks, StackedTasks):
+        support = [tasks.support] * steps
+        return _Stacked(TaskData(support, support if hessian else [], tasks.query), len(tasks))
+    data = []
+    for task in _support_query(estimator, tasks):
+        support = [task.support] * steps
+        data.append(TaskData(support, support if hessian else [], task.query))
+    return data
 
 
 @dataclass(frozen=True)
@@ -151,18 +216,20 @@ class Exact:
     ) -> MetaGradient:
         """Mean over ``tasks`` of the unrolled-autograd meta gradient."""
         steps = objective.inner_loop.steps
-
-        def one(task: Task[Any], counts: OracleCounts) -> tuple[Params, Tensor]:
-            if isinstance(task, SupportQuery):
-                inner, outer = [task.support] * steps, task.query
-            else:
-                inner_size, outer_size = self._sampler_sizes()
-                inner = _draws(task, inner_size, steps, generator)
-                outer = task.sample(outer_size, generator=generator)
-            return unrolled_meta_gradient(objective, params, inner, outer, counts)
-
-        task_kind(tasks)
-        return _mean_over(tasks, one)
+        data: list[TaskData] | _Stacked
+        if task_kind(tasks) == "support-query":
+            data = _support_query_data(tasks, "Exact", steps, hessian=False)
+        else:
+            inner_size, outer_size = self._sampler_sizes()
+            data = [
+                TaskData(
+                    _draws(task, inner_size, steps, generator),
+                    [],
+                    task.sample(outer_size, generator=generator),
+                )
+                for task in _samplers("Exact", tasks)
+            ]
+        return _mean_meta_gradient(objective, params, data, "unrolled")
 
     def _sampler_sizes(self) -> tuple[int, int]:
         if self.inner_size is None or self.outer_size is None:
@@ -195,13 +262,8 @@ class FiniteSum:
         generator: torch.Generator,
     ) -> MetaGradient:
         """Mean over ``tasks`` of eq. 12."""
-        steps = objective.inner_loop.steps
-
-        def one(task: SupportQuery[Any], counts: OracleCounts) -> tuple[Params, Tensor]:
-            support = [task.support] * steps
-            return recursion_meta_gradient(objective, params, support, support, task.query, counts)
-
-        return _mean_over(_support_query_tasks("FiniteSum", tasks), one)
+        data = _support_query_data(tasks, "FiniteSum", objective.inner_loop.steps, hessian=True)
+        return _mean_meta_gradient(objective, params, data, "recursion")
 
 
 @dataclass(frozen=True)
@@ -242,11 +304,12 @@ class Resampled:
     ) -> MetaGradient:
         """Mean over ``tasks`` of eq. 7."""
         steps = objective.inner_loop.steps
-
-        def one(task: Sampler[Any], counts: OracleCounts) -> tuple[Params, Tensor]:
-            inner = _draws(task, self.inner_size, steps, generator)
-            hessian = _draws(task, self.hessian_size, steps, generator)
-            outer = task.sample(self.outer_size, generator=generator)
-            return recursion_meta_gradient(objective, params, inner, hessian, outer, counts)
-
-        return _mean_over(_sampler_tasks("Resampled", tasks), one)
+        data = [
+            TaskData(
+                _draws(task, self.inner_size, steps, generator),
+                _draws(task, self.hessian_size, steps, generator),
+                task.sample(self.outer_size, generator=generator),
+            )
+            for task in _samplers("Resampled", tasks)
+        ]
+        return _mean_meta_gradient(objective, params, data, "recursion")

@@ -14,13 +14,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Generic, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
+from typing import Generic, Literal, Protocol, TypeAlias, TypeVar, overload, runtime_checkable
 
 import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .typing import BatchT
 
-__all__ = ["Sampler", "SupportQuery", "Task", "TaskKind", "task_kind"]
+__all__ = [
+    "Sampler",
+    "StackedTasks",
+    "SupportQuery",
+    "Task",
+    "TaskKind",
+    "stack_batches",
+    "task_kind",
+]
 
 BatchT_co = TypeVar("BatchT_co", covariant=True)
 
@@ -60,6 +70,128 @@ class Sampler(Protocol[BatchT_co]):
         ...
 
 
+@dataclass(frozen=True, eq=False)
+class StackedTasks(Sequence[SupportQuery[BatchT]]):
+    """A meta-batch of SupportQuery tasks stored stacked: a leading task dimension.
+
+    Every tensor of ``support`` and of ``query`` has the number of tasks as its first
+    dimension; task ``i`` is ``SupportQuery(support[i], query[i])`` leaf by leaf. It
+    is a sequence of :class:`SupportQuery` (``len``, indexing, iteration), and the
+    estimators run it vectorised without stacking anything. A list of SupportQuery
+    tasks whose batches have equal shapes is stacked automatically; build one
+    directly when your data loader already produces stacked tensors.
+
+    Args:
+        support: the support batches, stacked.
+        query: the query batches, stacked.
+
+    Example:
+        >>> import torch, torch_maml as tm
+        >>> x, y = torch.randn(25, 20, 1), torch.randn(25, 20, 1)
+        >>> tasks = tm.StackedTasks(support=(x[:, :10], y[:, :10]), query=(x[:, 10:], y[:, 10:]))
+        >>> len(tasks), tasks[0].support[0].shape
+        (25, torch.Size([10, 1]))
+    """
+
+    support: BatchT
+    query: BatchT
+
+    def __post_init__(self) -> None:
+        sizes = set()
+        for name in ("support", "query"):
+            leaves, _ = tree_flatten(getattr(self, name))
+            if not leaves:
+                raise ValueError(f"StackedTasks: '{name}' must hold at least one tensor")
+            for leaf in leaves:
+                if not isinstance(leaf, Tensor) or leaf.ndim == 0:
+                    raise TypeError(
+                        f"StackedTasks: every leaf of '{name}' must be a Tensor with a leading "
+                        f"task dimension (got {_leaf_description(leaf)})"
+                    )
+                sizes.add(leaf.shape[0])
+        if len(sizes) != 1:
+            raise ValueError(
+                "StackedTasks: all tensors must have the same leading (task) dimension "
+                f"(got sizes {sorted(sizes)})"
+            )
+        if sizes == {0}:
+            raise ValueError("StackedTasks must hold at least one task (got 0)")
+
+    @classmethod
+    def stack(cls, tasks: Sequence[SupportQuery[BatchT]]) -> StackedTasks[BatchT]:
+        """Stack SupportQuery tasks whose batches have equal structure and shapes.
+
+        Raises:
+            ValueError: the tasks' batches differ in structure, shape, dtype or device.
+        """
+        if task_kind(tasks) != "support-query":
+            raise TypeError("StackedTasks.stack takes SupportQuery tasks (got samplers)")
+        support = stack_batches([task.support for task in tasks])
+        query = stack_batches([task.query for task in tasks])
+        if support is None or query is None:
+            raise ValueError(
+                "StackedTasks.stack: the tasks' batches differ in structure, shape, dtype "
+                "or device, so they cannot be stacked"
+            )
+        return cls(support, query)
+
+    def __len__(self) -> int:
+        leaves, _ = tree_flatten(self.support)
+        return int(leaves[0].shape[0])
+
+    @overload
+    def __getitem__(self, index: int) -> SupportQuery[BatchT]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> StackedTasks[BatchT]: ...
+
+    def __getitem__(self, index: int | slice) -> SupportQuery[BatchT] | StackedTasks[BatchT]:
+        """Task ``index`` as a SupportQuery, or a slice of tasks, still stacked."""
+        if isinstance(index, slice):
+            return StackedTasks(_take(self.support, index), _take(self.query, index))
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"task index {index} out of range for {len(self)} tasks")
+        return SupportQuery(_take(self.support, index), _take(self.query, index))
+
+
+def _take(batch: BatchT, index: int | slice) -> BatchT:
+    taken: BatchT = tree_map(lambda leaf: leaf[index], batch)
+    return taken
+
+
+def _leaf_description(leaf: object) -> str:
+    if isinstance(leaf, Tensor):
+        return "a 0-dimensional Tensor"
+    return f"an object of type {type(leaf).__name__}"
+
+
+def stack_batches(batches: Sequence[BatchT]) -> BatchT | None:
+    """Stack batches leaf by leaf along a new leading dimension, or None if they differ.
+
+    Batches stack when they have the same pytree structure and every leaf is a
+    Tensor of the same shape, dtype and device as its counterparts.
+    """
+    flat = [tree_flatten(batch) for batch in batches]
+    leaves0, spec0 = flat[0]
+    if not all(isinstance(leaf, Tensor) for leaf in leaves0):
+        return None
+    for leaves, spec in flat[1:]:
+        if spec != spec0:
+            return None
+        for leaf, first in zip(leaves, leaves0, strict=True):
+            if not (
+                isinstance(leaf, Tensor)
+                and leaf.shape == first.shape
+                and leaf.dtype == first.dtype
+                and leaf.device == first.device
+            ):
+                return None
+    columns = zip(*(leaves for leaves, _ in flat), strict=True)
+    stacked = [torch.stack(list(column)) for column in columns]
+    result: BatchT = tree_unflatten(stacked, spec0)
+    return result
+
+
 Task: TypeAlias = SupportQuery[BatchT] | Sampler[BatchT]
 """One task of a meta-batch: a :class:`SupportQuery` or a :class:`Sampler`."""
 
@@ -74,6 +206,8 @@ def task_kind(tasks: object, name: str = "tasks") -> TaskKind:
             task, or mixes support/query tasks with samplers.
         ValueError: ``tasks`` is empty.
     """
+    if isinstance(tasks, StackedTasks):
+        return "support-query"
     if not isinstance(tasks, Sequence) or isinstance(tasks, (str, bytes)):
         raise TypeError(
             f"'{name}' must be a sequence of tasks (SupportQuery or samplers) "

@@ -51,8 +51,8 @@ class FirstOrder:
             if not isinstance(task, tm.SupportQuery):
                 raise TypeError("FirstOrder here supports SupportQuery tasks only")
             support = [task.support] * objective.inner_loop.steps
-            adapted = tm.functional.adapt(objective, params, support, counts)
-            grads, loss = tm.functional.loss_grad(objective.loss, adapted, task.query)
+            adapted = objective.adapt(params, support, counts)
+            grads, loss = objective.loss_grad(adapted, task.query)
             counts.grad_evals += 1
             total = {name: total[name] + grads[name] for name in total}
             losses.append(loss.detach())

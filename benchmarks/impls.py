@@ -1,0 +1,192 @@
+"""The implementations the benchmark compares, each as two functions of a workload.
+
+``step(workload, model, data, steps, beta)`` returns a callable that performs one
+meta step (B tasks, N inner gradient steps, the second-order meta gradient, an outer
+SGD step of ``beta``) and updates ``model`` in place. ``gradient(workload, model,
+data, steps)`` returns the meta gradient of the same step (the mean over the
+tasks), by parameter name, for the correctness column. Peers are used as their
+documentation shows (higher's ``innerloop_ctx``, TorchOpt's ``MetaSGD`` with
+``extract_state_dict``/``recover_state_dict``), one task at a time, as they run.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad
+
+import torch_maml as tm
+
+from .workloads import Data, Workload
+
+Step = Callable[[], None]
+Gradient = dict[str, Tensor]
+
+
+def _tasks(data: Data) -> tm.StackedTasks[tuple[Tensor, Tensor]]:
+    xs, ys, xq, yq = data
+    return tm.StackedTasks((xs, ys), (xq, yq))
+
+
+def _meta_optimizer(
+    workload: Workload, model: nn.Module, steps: int, beta: float, estimator: Any, compile: bool
+) -> tm.MetaOptimizer[nn.Module, tuple[Tensor, Tensor]]:
+    return tm.MetaOptimizer(
+        model,
+        workload.loss_fn,
+        inner_loop=tm.GradientDescent(steps=steps, lr=workload.alpha),
+        estimator=estimator,
+        step_size=tm.Constant(beta),
+        compile=compile,
+    )
+
+
+def torch_maml(
+    estimator: Any, compile: bool = False
+) -> tuple[Callable[..., Step], Callable[..., Gradient]]:
+    """torch_maml's MetaOptimizer.step on stacked tasks (vectorised as "auto" decides)."""
+
+    def step(workload: Workload, model: nn.Module, data: Data, steps: int, beta: float) -> Step:
+        meta_opt = _meta_optimizer(workload, model, steps, beta, estimator, compile)
+        tasks = _tasks(data)
+
+        def run() -> None:
+            meta_opt.step(tasks)
+
+        return run
+
+    def gradient(workload: Workload, model: nn.Module, data: Data, steps: int) -> Gradient:
+        model = copy.deepcopy(model)
+        meta_opt = _meta_optimizer(workload, model, steps, 1.0, estimator, compile)
+        meta_opt.meta_backward(_tasks(data))
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    return step, gradient
+
+
+def _func_loop_gradient(workload: Workload, model: nn.Module, data: Data, steps: int) -> Gradient:
+    xs, ys, xq, yq = data
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return workload.loss_fn(_Swap(model, p), (x, y))
+
+    def meta_loss(p: dict[str, Tensor], i: int) -> Tensor:
+        for _ in range(steps):
+            g = grad(loss)(p, xs[i], ys[i])
+            p = {n: w - workload.alpha * g[n] for n, w in p.items()}
+        return loss(p, xq[i], yq[i])
+
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in range(xs.shape[0]):
+        g = grad(meta_loss)(params, i)
+        total = {n: t + g[n] for n, t in total.items()}
+    return {n: t / xs.shape[0] for n, t in total.items()}
+
+
+class _Swap(nn.Module):
+    """``model`` called with other weights, by functional_call (for the loss closures)."""
+
+    def __init__(self, model: nn.Module, params: dict[str, Tensor]) -> None:
+        super().__init__()
+        self.inner, self.params = model, params
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = functional_call(self.inner, self.params, (x,))
+        return out
+
+
+def func_loop() -> tuple[Callable[..., Step], Callable[..., Gradient]]:
+    """A plain per-task loop with torch.func: grad of the unrolled query loss, task by task."""
+
+    def step(workload: Workload, model: nn.Module, data: Data, steps: int, beta: float) -> Step:
+        def run() -> None:
+            g = _func_loop_gradient(workload, model, data, steps)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.sub_(beta * g[n])
+
+        return run
+
+    return step, _func_loop_gradient
+
+
+def higher_impl() -> tuple[Callable[..., Step], Callable[..., Gradient]]:
+    """The higher library 0.2: ``innerloop_ctx`` per task, query losses backpropagated."""
+    import higher  # type: ignore[import-untyped]  # optional, untyped
+
+    def accumulate(workload: Workload, model: nn.Module, data: Data, steps: int) -> None:
+        xs, ys, xq, yq = data
+        inner = torch.optim.SGD(model.parameters(), lr=workload.alpha)
+        for i in range(xs.shape[0]):
+            with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (
+                fmodel,
+                diffopt,
+            ):
+                for _ in range(steps):
+                    diffopt.step(workload.loss_fn(fmodel, (xs[i], ys[i])))
+                (workload.loss_fn(fmodel, (xq[i], yq[i])) / xs.shape[0]).backward()
+
+    def step(workload: Workload, model: nn.Module, data: Data, steps: int, beta: float) -> Step:
+        outer = torch.optim.SGD(model.parameters(), lr=beta)
+
+        def run() -> None:
+            outer.zero_grad()
+            accumulate(workload, model, data, steps)
+            outer.step()
+
+        return run
+
+    def gradient(workload: Workload, model: nn.Module, data: Data, steps: int) -> Gradient:
+        model = copy.deepcopy(model)
+        accumulate(workload, model, data, steps)
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    return step, gradient
+
+
+def torchopt_impl() -> tuple[Callable[..., Step], Callable[..., Gradient]]:
+    """TorchOpt 0.7: ``MetaSGD`` inner steps, state extracted and recovered per task."""
+    import torchopt  # type: ignore[import-untyped]  # optional, untyped
+
+    def accumulate(workload: Workload, model: nn.Module, data: Data, steps: int) -> None:
+        xs, ys, xq, yq = data
+        inner = torchopt.MetaSGD(model, lr=workload.alpha)
+        state = torchopt.extract_state_dict(model)
+        for i in range(xs.shape[0]):
+            for _ in range(steps):
+                inner.step(workload.loss_fn(model, (xs[i], ys[i])))
+            (workload.loss_fn(model, (xq[i], yq[i])) / xs.shape[0]).backward()
+            torchopt.recover_state_dict(model, state)
+
+    def step(workload: Workload, model: nn.Module, data: Data, steps: int, beta: float) -> Step:
+        outer = torch.optim.SGD(model.parameters(), lr=beta)
+
+        def run() -> None:
+            outer.zero_grad()
+            accumulate(workload, model, data, steps)
+            outer.step()
+
+        return run
+
+    def gradient(workload: Workload, model: nn.Module, data: Data, steps: int) -> Gradient:
+        model = copy.deepcopy(model)
+        accumulate(workload, model, data, steps)
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    return step, gradient
+
+
+IMPLEMENTATIONS: dict[str, Callable[[], tuple[Callable[..., Step], Callable[..., Gradient]]]] = {
+    "torch_maml FiniteSum": lambda: torch_maml(tm.FiniteSum()),
+    "torch_maml FiniteSum compiled": lambda: torch_maml(tm.FiniteSum(), compile=True),
+    "torch_maml Exact": lambda: torch_maml(tm.Exact()),
+    "torch.func loop": func_loop,
+    "higher": higher_impl,
+    "TorchOpt": torchopt_impl,
+}
+"""Name -> factory of ``(step, gradient)``; JAX is added by run.py when available."""

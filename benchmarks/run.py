@@ -1,0 +1,304 @@
+"""Time and measure one meta step of every implementation, side by side, in one run.
+
+Usage::
+
+    python -m benchmarks.run                          # everything: about 25 minutes on 2 cores
+    python -m benchmarks.run --workloads sinusoid --steps 5 10
+    python -m benchmarks.run --quick                  # a smoke run of seconds
+    python -m benchmarks.run --device cuda            # on a GPU
+
+Each implementation runs in a subprocess of its own, for each workload and number of
+inner steps ``N``: one warm-up step (reported: it includes any compilation), then
+``--repeats`` timed steps (median reported), with the peak memory of the timed steps
+above what the process held before them (CPU: the resident set's high-water mark,
+reset through ``/proc/self/clear_refs``; CUDA: the allocator's peak). The correctness
+column is the relative difference ``||g - g_ref|| / ||g_ref||`` (all parameters as one
+vector) between the implementation's meta gradient and torch_maml's ``Exact`` in
+float64, on the same weights and data. Results go to ``--out`` as JSON and Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .impls import IMPLEMENTATIONS
+from .workloads import WORKLOADS, setup
+
+PEERS = ("higher", "TorchOpt")
+JAX_CONV4_MAX_STEPS = 5
+"""JAX's conv4 step unrolls tasks and steps inside jit: about 60 s to compile at N=5."""
+BETA = 1e-3
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+class _Memory:
+    """Peak memory of a stretch of code above what was held at its start, in MiB."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def start(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as clear:
+                clear.write("5")  # resets VmHWM to the current resident set
+            self.before = _status_kib("VmRSS") * 1024
+
+    def peak_mib(self) -> float:
+        if self.device == "cuda":
+            return (torch.cuda.max_memory_allocated() - self.before) / 2**20
+        return (_status_kib("VmHWM") * 1024 - self.before) / 2**20
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _jax_factories() -> Any:
+    from . import jax_impl
+
+    return jax_impl if jax_impl.available() else None
+
+
+def _numpy_setup(workload_name: str, dtype: torch.dtype) -> tuple[dict[str, Any], tuple[Any, ...]]:
+    model, data = setup(WORKLOADS[workload_name], dtype, "cpu")
+    params = {n: p.detach().numpy() for n, p in model.named_parameters()}
+    return params, tuple(t.numpy() for t in data)
+
+
+def worker(job: dict[str, Any]) -> dict[str, Any]:
+    """Measure one implementation on one workload and N; return the numbers."""
+    name, workload_name, steps, device = job["impl"], job["workload"], job["steps"], job["device"]
+    workload = WORKLOADS[workload_name]
+    memory = _Memory(device)
+    if name == "JAX":
+        jax_impl = _jax_factories()
+        params, data = _numpy_setup(workload_name, torch.float32)
+        # vmap turns conv4's per-task convolutions into grouped ones, which XLA:CPU runs
+        # about 8x slower than a loop over the tasks inside jit; sinusoid is the reverse.
+        tasks = "unroll" if workload_name == "conv4" and device == "cpu" else "vmap"
+        run = jax_impl.make_step(
+            workload_name, params, data, steps, workload.alpha, BETA, tasks=tasks
+        )
+    else:
+        make_step, _ = IMPLEMENTATIONS[name]()
+        model, data = setup(workload, torch.float32, device)
+        step = make_step(workload, model, data, steps, BETA)
+
+        def run() -> None:
+            step()
+            _sync(device)
+
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    memory.start()
+    times = []
+    for _ in range(job["repeats"]):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    peak = memory.peak_mib()
+
+    if name == "JAX":
+        params64, data64 = _numpy_setup(workload_name, torch.float64)
+        grads = {
+            n: torch.from_numpy(g)
+            for n, g in jax_impl.meta_gradient(
+                workload_name, params64, data64, steps, workload.alpha
+            ).items()
+        }
+    else:
+        _, gradient = IMPLEMENTATIONS[name]()
+        model64, data64 = setup(workload, torch.float64, "cpu")
+        grads = gradient(workload, model64, data64, steps)
+    reference = torch.load(job["reference"], weights_only=True)
+    # One relative error over all parameters together: per parameter it is ill-defined
+    # for conv4's convolution biases, whose meta gradient is zero up to rounding (the
+    # batch normalisation after each convolution subtracts its bias right back out).
+    actual = torch.cat([grads[n].to(reference[n]).reshape(-1) for n in reference])
+    expected = torch.cat([reference[n].reshape(-1) for n in reference])
+    error = float((actual - expected).norm() / expected.norm())
+    return {
+        **{k: job[k] for k in ("impl", "workload", "steps", "device")},
+        "median_ms": 1000 * statistics.median(times),
+        "min_ms": 1000 * min(times),
+        "first_step_s": first,
+        "peak_mib": peak,
+        "max_rel_diff": error,
+    }
+
+
+def reference(job: dict[str, Any]) -> None:
+    """Save torch_maml Exact's float64 meta gradient for a workload and N."""
+    workload = WORKLOADS[job["workload"]]
+    _, gradient = IMPLEMENTATIONS["torch_maml Exact"]()
+    model, data = setup(workload, torch.float64, "cpu")
+    torch.save(gradient(workload, model, data, job["steps"]), job["reference"])
+
+
+# ---------------------------------------------------------------- driver side
+
+
+def _subprocess(mode: str, job: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+    command = [sys.executable, "-m", "benchmarks.run", f"--{mode}", json.dumps(job)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        print(f"  {job.get('impl', mode)}: timed out after {timeout:.0f} s", flush=True)
+        return None
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        print(f"  {job.get('impl', mode)}: failed: {' | '.join(tail)}", flush=True)
+        return None
+    lines = done.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if mode == "worker" else {}
+
+
+def _environment(device: str) -> dict[str, Any]:
+    versions = {"torch": torch.__version__}
+    for module in ("higher", "torchopt", "jax"):
+        try:
+            imported = __import__(module)
+            versions[module] = getattr(imported, "__version__", "installed")
+        except ImportError:
+            versions[module] = "not installed"
+    return {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}",
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "python": platform.python_version(),
+        "torch threads": torch.get_num_threads(),
+        **versions,
+    }
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The results as Markdown: one row per workload, N and implementation."""
+    lines = [
+        "| workload | N | implementation | median ms | x faster than best peer | first step s "
+        "| peak MiB | rel. diff (float64) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    keyed: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for result in results:
+        keyed.setdefault((result["workload"], result["steps"]), []).append(result)
+    for (workload, steps), group in keyed.items():
+        peers = [r["median_ms"] for r in group if r["impl"] in PEERS]
+        best_peer = min(peers) if peers else None
+        for r in group:
+            speedup = f"{best_peer / r['median_ms']:.1f}" if best_peer else "-"
+            lines.append(
+                f"| {workload} | {steps} | {r['impl']} | {r['median_ms']:.1f} | {speedup} "
+                f"| {r['first_step_s']:.1f} | {r['peak_mib']:.0f} | {r['max_rel_diff']:.1e} |"
+            )
+    return "\n".join(lines)
+
+
+def _summary(r: dict[str, Any]) -> str:
+    return (
+        f"{r['impl']}: {r['median_ms']:.1f} ms, {r['peak_mib']:.0f} MiB, "
+        f"first {r['first_step_s']:.1f} s, diff {r['max_rel_diff']:.1e}"
+    )
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--steps", nargs="+", type=int, default=[1, 5, 10, 20])
+    implementations = [*IMPLEMENTATIONS, "JAX"]
+    parser.add_argument("--impls", nargs="+", default=implementations, choices=implementations)
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed steps (default: 20, conv4 5)"
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--quick", action="store_true", help="sinusoid, N=1, 2 repeats: a smoke run"
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--reference", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return []
+    if args.reference:
+        reference(json.loads(args.reference))
+        return []
+    if args.quick:
+        args.workloads, args.steps, args.repeats = ["sinusoid"], [1], 2
+    if "JAX" in args.impls and _jax_factories() is None:
+        print("JAX is not installed: leaving it out", flush=True)
+        args.impls = [i for i in args.impls if i != "JAX"]
+
+    environment = _environment(args.device)
+    print(json.dumps(environment), flush=True)
+    results = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for workload in args.workloads:
+            repeats = args.repeats or (5 if workload == "conv4" else 20)
+            for steps in args.steps:
+                ref = str(Path(scratch) / f"{workload}-{steps}.pt")
+                job = {"workload": workload, "steps": steps, "reference": ref}
+                if _subprocess("reference", job, args.timeout) is None:
+                    continue
+                print(f"{workload}, N={steps}:", flush=True)
+                for impl in args.impls:
+                    if impl == "JAX" and workload == "conv4" and steps > JAX_CONV4_MAX_STEPS:
+                        print(f"  JAX: skipped (N > {JAX_CONV4_MAX_STEPS}: compiles for minutes)")
+                        continue
+                    job = {
+                        "impl": impl,
+                        "workload": workload,
+                        "steps": steps,
+                        "device": args.device,
+                        "repeats": repeats,
+                        "reference": ref,
+                    }
+                    result = _subprocess("worker", job, args.timeout)
+                    if result is not None:
+                        print(f"  {_summary(result)}", flush=True)
+                        results.append(result)
+    markdown = table(results)
+    print(markdown)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = f"{environment['date']}-{args.device}"
+    (args.out / f"{stamp}.json").write_text(
+        json.dumps({"environment": environment, "results": results}, indent=1)
+    )
+    header = "\n".join(f"- {k}: {v}" for k, v in environment.items())
+    (args.out / f"{stamp}.md").write_text(f"{header}\n\n{markdown}\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
