@@ -33,7 +33,13 @@ def _tasks(data: Data) -> tm.StackedTasks[tuple[Tensor, Tensor]]:
 
 
 def _meta_optimizer(
-    workload: Workload, model: nn.Module, steps: int, beta: float, estimator: Any, compile: bool
+    workload: Workload,
+    model: nn.Module,
+    steps: int,
+    beta: float,
+    estimator: Any,
+    compile: bool,
+    chunk: tm.batching.ChunkSize,
 ) -> tm.MetaOptimizer[nn.Module, tuple[Tensor, Tensor]]:
     return tm.MetaOptimizer(
         model,
@@ -42,16 +48,17 @@ def _meta_optimizer(
         estimator=estimator,
         step_size=tm.Constant(beta),
         compile=compile,
+        task_chunk_size=chunk,
     )
 
 
 def torch_maml(
-    estimator: Any, compile: bool = False
+    estimator: Any, compile: bool = False, chunk: tm.batching.ChunkSize = "auto"
 ) -> tuple[Callable[..., Step], Callable[..., Gradient]]:
-    """torch_maml's MetaOptimizer.step on stacked tasks (vectorised as "auto" decides)."""
+    """torch_maml's MetaOptimizer.step on stacked tasks (vectorised as ``chunk`` says)."""
 
     def step(workload: Workload, model: nn.Module, data: Data, steps: int, beta: float) -> Step:
-        meta_opt = _meta_optimizer(workload, model, steps, beta, estimator, compile)
+        meta_opt = _meta_optimizer(workload, model, steps, beta, estimator, compile, chunk)
         tasks = _tasks(data)
 
         def run() -> None:
@@ -61,7 +68,7 @@ def torch_maml(
 
     def gradient(workload: Workload, model: nn.Module, data: Data, steps: int) -> Gradient:
         model = copy.deepcopy(model)
-        meta_opt = _meta_optimizer(workload, model, steps, 1.0, estimator, compile)
+        meta_opt = _meta_optimizer(workload, model, steps, 1.0, estimator, compile, chunk)
         meta_opt.meta_backward(_tasks(data))
         return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
@@ -129,7 +136,7 @@ def higher_impl() -> tuple[Callable[..., Step], Callable[..., Gradient]]:
             ):
                 for _ in range(steps):
                     diffopt.step(workload.loss_fn(fmodel, (xs[i], ys[i])))
-                (workload.loss_fn(fmodel, (xq[i], yq[i])) / xs.shape[0]).backward()
+                torch.autograd.backward(workload.loss_fn(fmodel, (xq[i], yq[i])) / xs.shape[0])
 
     def step(workload: Workload, model: nn.Module, data: Data, steps: int, beta: float) -> Step:
         outer = torch.optim.SGD(model.parameters(), lr=beta)
@@ -151,7 +158,7 @@ def higher_impl() -> tuple[Callable[..., Step], Callable[..., Gradient]]:
 
 def torchopt_impl() -> tuple[Callable[..., Step], Callable[..., Gradient]]:
     """TorchOpt 0.7: ``MetaSGD`` inner steps, state extracted and recovered per task."""
-    import torchopt  # type: ignore[import-untyped]  # optional, untyped
+    import torchopt  # optional
 
     def accumulate(workload: Workload, model: nn.Module, data: Data, steps: int) -> None:
         xs, ys, xq, yq = data
@@ -160,7 +167,7 @@ def torchopt_impl() -> tuple[Callable[..., Step], Callable[..., Gradient]]:
         for i in range(xs.shape[0]):
             for _ in range(steps):
                 inner.step(workload.loss_fn(model, (xs[i], ys[i])))
-            (workload.loss_fn(model, (xq[i], yq[i])) / xs.shape[0]).backward()
+            torch.autograd.backward(workload.loss_fn(model, (xq[i], yq[i])) / xs.shape[0])
             torchopt.recover_state_dict(model, state)
 
     def step(workload: Workload, model: nn.Module, data: Data, steps: int, beta: float) -> Step:
@@ -184,6 +191,7 @@ def torchopt_impl() -> tuple[Callable[..., Step], Callable[..., Gradient]]:
 IMPLEMENTATIONS: dict[str, Callable[[], tuple[Callable[..., Step], Callable[..., Gradient]]]] = {
     "torch_maml FiniteSum": lambda: torch_maml(tm.FiniteSum()),
     "torch_maml FiniteSum compiled": lambda: torch_maml(tm.FiniteSum(), compile=True),
+    "torch_maml FiniteSum all vmapped": lambda: torch_maml(tm.FiniteSum(), chunk=None),
     "torch_maml Exact": lambda: torch_maml(tm.Exact()),
     "torch.func loop": func_loop,
     "higher": higher_impl,

@@ -8,10 +8,13 @@ Usage::
     python -m benchmarks.run --device cuda            # on a GPU
 
 Each implementation runs in a subprocess of its own, for each workload and number of
-inner steps ``N``: one warm-up step (reported: it includes any compilation), then
-``--repeats`` timed steps (median reported), with the peak memory of the timed steps
-above what the process held before them (CPU: the resident set's high-water mark,
-reset through ``/proc/self/clear_refs``; CUDA: the allocator's peak). The correctness
+inner steps ``N``, to measure its first step (which includes any compilation) and the
+peak memory of two more steps above what the process held before them (CPU: the
+resident set's high-water mark, reset through ``/proc/self/clear_refs``, with glibc
+told to map large blocks separately so that the resident set is the memory in use;
+CUDA: the allocator's peak). Step times
+come from one more process that runs all the implementations in turns, ``--repeats``
+rounds, and reports medians: the same conditions for all. The correctness
 column is the relative difference ``||g - g_ref|| / ||g_ref||`` (all parameters as one
 vector) between the implementation's meta gradient and torch_maml's ``Exact`` in
 float64, on the same weights and data. Results go to ``--out`` as JSON and Markdown.
@@ -20,7 +23,11 @@ float64, on the same weights and data. Results go to ``--out`` as JSON and Markd
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import datetime
+import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -93,41 +100,53 @@ def _numpy_setup(workload_name: str, dtype: torch.dtype) -> tuple[dict[str, Any]
     return params, tuple(t.numpy() for t in data)
 
 
-def worker(job: dict[str, Any]) -> dict[str, Any]:
-    """Measure one implementation on one workload and N; return the numbers."""
-    name, workload_name, steps, device = job["impl"], job["workload"], job["steps"], job["device"]
+def _make_runner(name: str, workload_name: str, steps: int, device: str) -> Any:
+    """A callable that takes one meta step of ``name`` and waits for it to finish."""
     workload = WORKLOADS[workload_name]
-    memory = _Memory(device)
     if name == "JAX":
         jax_impl = _jax_factories()
         params, data = _numpy_setup(workload_name, torch.float32)
         # vmap turns conv4's per-task convolutions into grouped ones, which XLA:CPU runs
         # about 8x slower than a loop over the tasks inside jit; sinusoid is the reverse.
         tasks = "unroll" if workload_name == "conv4" and device == "cpu" else "vmap"
-        run = jax_impl.make_step(
+        return jax_impl.make_step(
             workload_name, params, data, steps, workload.alpha, BETA, tasks=tasks
         )
-    else:
-        make_step, _ = IMPLEMENTATIONS[name]()
-        model, data = setup(workload, torch.float32, device)
-        step = make_step(workload, model, data, steps, BETA)
+    make_step, _ = IMPLEMENTATIONS[name]()
+    model, data = setup(workload, torch.float32, device)
+    step = make_step(workload, model, data, steps, BETA)
 
-        def run() -> None:
-            step()
-            _sync(device)
+    def run() -> None:
+        step()
+        _sync(device)
 
+    return run
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS, so the resident set is what is in use."""
+    gc.collect()
+    with contextlib.suppress(OSError):  # not glibc: the peak also counts memory kept for reuse
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def worker(job: dict[str, Any]) -> dict[str, Any]:
+    """One implementation, one workload and N: first step, peak memory, correctness."""
+    name, workload_name, steps, device = job["impl"], job["workload"], job["steps"], job["device"]
+    workload = WORKLOADS[workload_name]
+    run = _make_runner(name, workload_name, steps, device)
     start = time.perf_counter()
-    run()
+    run()  # includes any compilation
     first = time.perf_counter() - start
+    _release_freed_memory()
+    memory = _Memory(device)
     memory.start()
-    times = []
-    for _ in range(job["repeats"]):
-        start = time.perf_counter()
+    for _ in range(2):
         run()
-        times.append(time.perf_counter() - start)
     peak = memory.peak_mib()
 
     if name == "JAX":
+        jax_impl = _jax_factories()
         params64, data64 = _numpy_setup(workload_name, torch.float64)
         grads = {
             n: torch.from_numpy(g)
@@ -145,15 +164,33 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     # batch normalisation after each convolution subtracts its bias right back out).
     actual = torch.cat([grads[n].to(reference[n]).reshape(-1) for n in reference])
     expected = torch.cat([reference[n].reshape(-1) for n in reference])
-    error = float((actual - expected).norm() / expected.norm())
     return {
         **{k: job[k] for k in ("impl", "workload", "steps", "device")},
-        "median_ms": 1000 * statistics.median(times),
-        "min_ms": 1000 * min(times),
         "first_step_s": first,
         "peak_mib": peak,
-        "max_rel_diff": error,
+        "rel_diff": float((actual - expected).norm() / expected.norm()),
     }
+
+
+def timer(job: dict[str, Any]) -> dict[str, float]:
+    """Median step time of every implementation, timed in turns in one process.
+
+    Round-robin timing in one process compares the implementations under the same
+    conditions; separate processes on a shared 2-core machine differed by up to 30%.
+    """
+    runners = {
+        name: _make_runner(name, job["workload"], job["steps"], job["device"])
+        for name in job["impls"]
+    }
+    for run in runners.values():
+        run()  # warm up, compile
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(job["repeats"]):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(ts) for name, ts in times.items()}
 
 
 def reference(job: dict[str, Any]) -> None:
@@ -169,8 +206,16 @@ def reference(job: dict[str, Any]) -> None:
 
 def _subprocess(mode: str, job: dict[str, Any], timeout: float) -> dict[str, Any] | None:
     command = [sys.executable, "-m", "benchmarks.run", f"--{mode}", json.dumps(job)]
+    environment = dict(os.environ)
+    if mode == "worker":
+        # glibc then maps every block of 64 KiB or more separately and unmaps it when
+        # freed, so the resident set tracks the memory in use, not the heap's high tide
+        # (measured on conv4: 24 MiB live against 53 MiB of heap for the same step).
+        environment["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, check=False, env=environment
+        )
     except subprocess.TimeoutExpired:
         print(f"  {job.get('impl', mode)}: timed out after {timeout:.0f} s", flush=True)
         return None
@@ -179,17 +224,16 @@ def _subprocess(mode: str, job: dict[str, Any], timeout: float) -> dict[str, Any
         print(f"  {job.get('impl', mode)}: failed: {' | '.join(tail)}", flush=True)
         return None
     lines = done.stdout.strip().splitlines()
-    return json.loads(lines[-1]) if mode == "worker" else {}
+    return json.loads(lines[-1]) if mode in ("worker", "timer") else {}
 
 
 def _environment(device: str) -> dict[str, Any]:
-    versions = {"torch": torch.__version__}
-    for module in ("higher", "torchopt", "jax"):
+    versions: dict[str, str] = {"torch": str(torch.__version__)}
+    for package in ("higher", "torchopt", "jax"):
         try:
-            imported = __import__(module)
-            versions[module] = getattr(imported, "__version__", "installed")
-        except ImportError:
-            versions[module] = "not installed"
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
     return {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}",
@@ -217,15 +261,22 @@ def table(results: list[dict[str, Any]]) -> str:
             speedup = f"{best_peer / r['median_ms']:.1f}" if best_peer else "-"
             lines.append(
                 f"| {workload} | {steps} | {r['impl']} | {r['median_ms']:.1f} | {speedup} "
-                f"| {r['first_step_s']:.1f} | {r['peak_mib']:.0f} | {r['max_rel_diff']:.1e} |"
+                f"| {r['first_step_s']:.1f} | {r['peak_mib']:.0f} | {r['rel_diff']:.1e} |"
             )
     return "\n".join(lines)
+
+
+def _runs(impl: str, workload: str, steps: int) -> bool:
+    if impl == "JAX" and workload == "conv4" and steps > JAX_CONV4_MAX_STEPS:
+        print(f"  JAX: left out (N > {JAX_CONV4_MAX_STEPS}: its unrolled jit compiles for minutes)")
+        return False
+    return True
 
 
 def _summary(r: dict[str, Any]) -> str:
     return (
         f"{r['impl']}: {r['median_ms']:.1f} ms, {r['peak_mib']:.0f} MiB, "
-        f"first {r['first_step_s']:.1f} s, diff {r['max_rel_diff']:.1e}"
+        f"first {r['first_step_s']:.1f} s, diff {r['rel_diff']:.1e}"
     )
 
 
@@ -236,7 +287,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     implementations = [*IMPLEMENTATIONS, "JAX"]
     parser.add_argument("--impls", nargs="+", default=implementations, choices=implementations)
     parser.add_argument(
-        "--repeats", type=int, default=None, help="timed steps (default: 20, conv4 5)"
+        "--repeats", type=int, default=None, help="timed rounds (default: 30, conv4 7)"
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
@@ -245,11 +296,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "--quick", action="store_true", help="sinusoid, N=1, 2 repeats: a smoke run"
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--timer", help=argparse.SUPPRESS)
     parser.add_argument("--reference", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return []
+    if args.timer:
+        print(json.dumps(timer(json.loads(args.timer))))
         return []
     if args.reference:
         reference(json.loads(args.reference))
@@ -265,27 +320,37 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         for workload in args.workloads:
-            repeats = args.repeats or (5 if workload == "conv4" else 20)
+            repeats = args.repeats or (7 if workload == "conv4" else 30)
             for steps in args.steps:
                 ref = str(Path(scratch) / f"{workload}-{steps}.pt")
                 job = {"workload": workload, "steps": steps, "reference": ref}
                 if _subprocess("reference", job, args.timeout) is None:
                     continue
                 print(f"{workload}, N={steps}:", flush=True)
-                for impl in args.impls:
-                    if impl == "JAX" and workload == "conv4" and steps > JAX_CONV4_MAX_STEPS:
-                        print(f"  JAX: skipped (N > {JAX_CONV4_MAX_STEPS}: compiles for minutes)")
-                        continue
+                impls = [i for i in args.impls if _runs(i, workload, steps)]
+                measured = {}
+                for impl in impls:
                     job = {
                         "impl": impl,
                         "workload": workload,
                         "steps": steps,
                         "device": args.device,
-                        "repeats": repeats,
                         "reference": ref,
                     }
                     result = _subprocess("worker", job, args.timeout)
                     if result is not None:
+                        measured[impl] = result
+                timing = {
+                    "workload": workload,
+                    "steps": steps,
+                    "device": args.device,
+                    "impls": list(measured),
+                    "repeats": repeats,
+                }
+                medians = _subprocess("timer", timing, args.timeout)
+                for impl, result in measured.items():
+                    if medians is not None:
+                        result["median_ms"] = medians[impl]
                         print(f"  {_summary(result)}", flush=True)
                         results.append(result)
     markdown = table(results)

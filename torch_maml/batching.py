@@ -200,8 +200,8 @@ def chunk_sizes(tasks: int, largest: int) -> list[int]:
 
 
 def expand_params(params: Params, tasks: int) -> Params:
-    """``w`` repeated along a new leading task dimension (materialised, not a view)."""
-    return {name: p.unsqueeze(0).repeat(tasks, *([1] * p.ndim)) for name, p in params.items()}
+    """``w`` along a new leading task dimension, as a view (no copy)."""
+    return {name: p.expand(tasks, *p.shape) for name, p in params.items()}
 
 
 def chunk_sum(value: Any, batched: bool) -> Any:

@@ -547,6 +547,7 @@ def scanned_recursion(
         new = ops.step(params_j, state_j, at(inner, x))
         return new, (tree_map(torch.clone, params_j), tree_map(torch.clone, state_j))
 
+    params = {name: p.contiguous() for name, p in params.items()}  # scan's carry layout
     start = (params, ops.init(params))
     (last, last_state), (iterates, states) = scan(forward, start, scanned(inner))
     outer_grad, value = ops.loss_grad(last, outer_batch)
