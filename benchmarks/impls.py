@@ -12,7 +12,7 @@ documentation shows (higher's ``innerloop_ctx``, TorchOpt's ``MetaSGD`` with
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ def _meta_optimizer(
     steps: int,
     beta: float,
     estimator: Any,
-    compile: bool,
+    compile: bool | Mapping[str, Any],
     chunk: tm.batching.ChunkSize,
 ) -> tm.MetaOptimizer[nn.Module, tuple[Tensor, Tensor]]:
     return tm.MetaOptimizer(
@@ -53,7 +53,9 @@ def _meta_optimizer(
 
 
 def torch_maml(
-    estimator: Any, compile: bool = False, chunk: tm.batching.ChunkSize = "auto"
+    estimator: Any,
+    compile: bool | Mapping[str, Any] = False,
+    chunk: tm.batching.ChunkSize = "auto",
 ) -> tuple[Callable[..., Step], Callable[..., Gradient]]:
     """torch_maml's MetaOptimizer.step on stacked tasks (vectorised as ``chunk`` says)."""
 
@@ -191,6 +193,9 @@ def torchopt_impl() -> tuple[Callable[..., Step], Callable[..., Gradient]]:
 IMPLEMENTATIONS: dict[str, Callable[[], tuple[Callable[..., Step], Callable[..., Gradient]]]] = {
     "torch_maml FiniteSum": lambda: torch_maml(tm.FiniteSum()),
     "torch_maml FiniteSum compiled": lambda: torch_maml(tm.FiniteSum(), compile=True),
+    "torch_maml FiniteSum CUDA graphs": lambda: torch_maml(
+        tm.FiniteSum(), compile={"mode": "reduce-overhead"}
+    ),
     "torch_maml FiniteSum all vmapped": lambda: torch_maml(tm.FiniteSum(), chunk=None),
     "torch_maml Exact": lambda: torch_maml(tm.Exact()),
     "torch.func loop": func_loop,

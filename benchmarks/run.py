@@ -29,6 +29,7 @@ import datetime
 import gc
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import statistics
@@ -143,7 +144,8 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     memory.start()
     for _ in range(2):
         run()
-    peak = memory.peak_mib()
+    # JAX allocates outside torch's allocator: on CUDA its peak is not measured here.
+    peak = float("nan") if name == "JAX" and device == "cuda" else memory.peak_mib()
 
     if name == "JAX":
         jax_impl = _jax_factories()
@@ -156,7 +158,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         }
     else:
         _, gradient = IMPLEMENTATIONS[name]()
-        model64, data64 = setup(workload, torch.float64, "cpu")
+        model64, data64 = setup(workload, torch.float64, device)
         grads = gradient(workload, model64, data64, steps)
     reference = torch.load(job["reference"], weights_only=True)
     # One relative error over all parameters together: per parameter it is ill-defined
@@ -204,6 +206,18 @@ def reference(job: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- driver side
 
 
+def _in_process(mode: str, job: dict[str, Any]) -> dict[str, Any] | None:
+    """``mode`` run here: no process start-up, but no timeout and CPU peaks include history."""
+    try:
+        if mode == "reference":
+            reference(job)
+            return {}
+        return worker(job) if mode == "worker" else timer(job)
+    except Exception as error:  # report and go on with the other implementations
+        print(f"  {job.get('impl', mode)}: failed: {error!r}", flush=True)
+        return None
+
+
 def _subprocess(mode: str, job: dict[str, Any], timeout: float) -> dict[str, Any] | None:
     command = [sys.executable, "-m", "benchmarks.run", f"--{mode}", json.dumps(job)]
     environment = dict(os.environ)
@@ -212,6 +226,8 @@ def _subprocess(mode: str, job: dict[str, Any], timeout: float) -> dict[str, Any
         # freed, so the resident set tracks the memory in use, not the heap's high tide
         # (measured on conv4: 24 MiB live against 53 MiB of heap for the same step).
         environment["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
+    # JAX would otherwise take most of the GPU's memory, leaving little to torch.
+    environment.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=timeout, check=False, env=environment
@@ -259,9 +275,10 @@ def table(results: list[dict[str, Any]]) -> str:
         best_peer = min(peers) if peers else None
         for r in group:
             speedup = f"{best_peer / r['median_ms']:.1f}" if best_peer else "-"
+            peak = "-" if math.isnan(r["peak_mib"]) else f"{r['peak_mib']:.0f}"
             lines.append(
                 f"| {workload} | {steps} | {r['impl']} | {r['median_ms']:.1f} | {speedup} "
-                f"| {r['first_step_s']:.1f} | {r['peak_mib']:.0f} | {r['rel_diff']:.1e} |"
+                f"| {r['first_step_s']:.1f} | {peak} | {r['rel_diff']:.1e} |"
             )
     return "\n".join(lines)
 
@@ -295,6 +312,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--quick", action="store_true", help="sinusoid, N=1, 2 repeats: a smoke run"
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="measure in this process (where starting processes is slow, as on some GPU "
+        "machines): no --timeout, and CPU memory peaks are not comparable",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--timer", help=argparse.SUPPRESS)
     parser.add_argument("--reference", help=argparse.SUPPRESS)
@@ -309,11 +332,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.reference:
         reference(json.loads(args.reference))
         return []
+    if args.device == "cpu" and "--impls" not in (argv if argv is not None else sys.argv):
+        args.impls = [i for i in args.impls if "CUDA" not in i]
     if args.quick:
         args.workloads, args.steps, args.repeats = ["sinusoid"], [1], 2
     if "JAX" in args.impls and _jax_factories() is None:
         print("JAX is not installed: leaving it out", flush=True)
         args.impls = [i for i in args.impls if i != "JAX"]
+
+    def measure(mode: str, job: dict[str, Any]) -> dict[str, Any] | None:
+        if args.in_process:
+            return _in_process(mode, job)
+        return _subprocess(mode, job, args.timeout)
 
     environment = _environment(args.device)
     print(json.dumps(environment), flush=True)
@@ -324,7 +354,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             for steps in args.steps:
                 ref = str(Path(scratch) / f"{workload}-{steps}.pt")
                 job = {"workload": workload, "steps": steps, "reference": ref}
-                if _subprocess("reference", job, args.timeout) is None:
+                if measure("reference", job) is None:
                     continue
                 print(f"{workload}, N={steps}:", flush=True)
                 impls = [i for i in args.impls if _runs(i, workload, steps)]
@@ -337,9 +367,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         "device": args.device,
                         "reference": ref,
                     }
-                    result = _subprocess("worker", job, args.timeout)
+                    result = measure("worker", job)
                     if result is not None:
                         measured[impl] = result
+                        print(f"  {impl}: first step {result['first_step_s']:.1f} s", flush=True)
                 timing = {
                     "workload": workload,
                     "steps": steps,
@@ -347,22 +378,25 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     "impls": list(measured),
                     "repeats": repeats,
                 }
-                medians = _subprocess("timer", timing, args.timeout)
+                medians = measure("timer", timing)
                 for impl, result in measured.items():
                     if medians is not None:
                         result["median_ms"] = medians[impl]
                         print(f"  {_summary(result)}", flush=True)
                         results.append(result)
-    markdown = table(results)
-    print(markdown)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = f"{environment['date']}-{args.device}"
-    (args.out / f"{stamp}.json").write_text(
+                _write(args.out, environment, args.device, results)  # what is done so far
+    print(table(results))
+    return results
+
+
+def _write(out: Path, environment: dict[str, Any], device: str, results: list[Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = f"{environment['date']}-{device}"
+    (out / f"{stamp}.json").write_text(
         json.dumps({"environment": environment, "results": results}, indent=1)
     )
     header = "\n".join(f"- {k}: {v}" for k, v in environment.items())
-    (args.out / f"{stamp}.md").write_text(f"{header}\n\n{markdown}\n")
-    return results
+    (out / f"{stamp}.md").write_text(f"{header}\n\n{table(results)}\n")
 
 
 if __name__ == "__main__":

@@ -216,7 +216,7 @@ def test_footprint_counts_saved_activations_once_per_shape() -> None:
         x = torch.randn(rows, 4, dtype=torch.float64)
         y = torch.zeros(rows, 1000, dtype=torch.float64)
         sample = batching.TaskData([(x, y)] * 2, [(x, y)] * 2, (x, y))
-        return objective.footprint(params, sample, method)
+        return objective.footprint(params, sample, False, method)
 
     small, large = footprint(10), footprint(20)
     # The (rows, 1000) output minus target is saved for the square's backward: 8 bytes each.

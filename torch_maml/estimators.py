@@ -98,10 +98,12 @@ def _mean_meta_gradient(
 ) -> MetaGradient:
     """Average the meta gradient over the tasks, vectorising chunks of them."""
     count = tasks.size if isinstance(tasks, _Stacked) else len(tasks)
-    sample = take(tasks.data, 0) if isinstance(tasks, _Stacked) else tasks[0]
     footprint = None
     if objective.task_chunk_size == "auto" and count > 1:
-        footprint = objective.footprint(params, sample, method)
+        if isinstance(tasks, _Stacked):
+            footprint = objective.footprint(params, tasks.data, True, method)
+        else:
+            footprint = objective.footprint(params, tasks[0], False, method)
     largest = plan_chunk_size(objective.task_chunk_size, count, footprint)
 
     counts = OracleCounts()
@@ -122,13 +124,15 @@ def _mean_meta_gradient(
     begin = 0
     for size in chunk_sizes(count, largest):
         if isinstance(tasks, _Stacked):
-            chunk = take(tasks.data, begin if size == 1 else slice(begin, begin + size))
-            run(chunk, size)
+            if size == count > 1:
+                run(tasks.data, size)  # one chunk of all: no slicing
+            else:
+                run(take(tasks.data, begin if size == 1 else slice(begin, begin + size)), size)
         else:
             items = tasks[begin : begin + size]
-            stacked = stack_task_data(items) if size > 1 else None
-            if stacked is not None:
-                run(stacked, size)
+            together = stack_task_data(items) if size > 1 else None
+            if together is not None:
+                run(together, size)
             else:  # a single task, or tasks whose batches do not stack: one by one
                 for item in items:
                     run(item, 1)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_leaves
 
 from .batching import (
     ChunkSize,
@@ -22,6 +22,7 @@ from .batching import (
     TaskFootprint,
     check_chunk_size,
     estimate_task_bytes,
+    take,
 )
 from .functional import (
     Ops,
@@ -92,10 +93,22 @@ class MetaObjective:
             self._batched_ops = ops
         return self._batched_ops
 
-    def footprint(self, params: Params, sample: TaskData, method: Method) -> TaskFootprint:
-        """:func:`~torch_maml.batching.estimate_task_bytes`, measured once per shape."""
-        key = (method, len(sample.inner), _signature(params), _signature(sample))
+    def footprint(
+        self, params: Params, data: TaskData, stacked: bool, method: Method
+    ) -> TaskFootprint:
+        """:func:`~torch_maml.batching.estimate_task_bytes` of one task, once per shape.
+
+        Args:
+            params: ``w``.
+            data: one task's data, or several tasks' stacked (``stacked``): their first
+                task is measured.
+            stacked: whether ``data`` has a leading task dimension.
+            method: how the meta gradient will be computed.
+        """
+        batches = (data.inner[0] if data.inner else None, data.outer)
+        key = (method, len(data.inner), stacked, _signature(batches))
         if key not in self._footprints:
+            sample = take(data, 0) if stacked else data
             self._footprints[key] = estimate_task_bytes(self.loss, params, sample, method)
         return self._footprints[key]
 
@@ -111,10 +124,8 @@ class MetaObjective:
 
 
 def _signature(tree: Any) -> tuple[Any, ...]:
-    """Structure, shapes, dtypes and devices of a pytree's tensors: what memory depends on."""
-    leaves, spec = tree_flatten(tree)
-    described = tuple(
-        (tuple(leaf.shape), leaf.dtype, leaf.device) if isinstance(leaf, Tensor) else leaf
-        for leaf in leaves
+    """Shapes, dtypes and devices of a pytree's tensors: what memory depends on."""
+    return tuple(
+        (leaf.shape, leaf.dtype, leaf.device) if isinstance(leaf, Tensor) else leaf
+        for leaf in tree_leaves(tree)
     )
-    return (str(spec), described)
