@@ -14,7 +14,7 @@ from .estimators import Exact, FiniteSum, MetaGradient, MetaGradientEstimator, R
 from .functional import TaskLoss
 from .inner import GradientDescent, InnerLoop
 from .objective import MetaObjective
-from .optimizer import MetaBackwardInfo, MetaOptimizer, MetaStepInfo
+from .optimizer import MetaBackwardInfo, MetaOptimizer, MetaStepInfo, NanPolicy, ParamSelection
 from .step_size import (
     Constant,
     Setting,
@@ -41,7 +41,9 @@ __all__ = [
     "MetaObjective",
     "MetaOptimizer",
     "MetaStepInfo",
+    "NanPolicy",
     "NonFiniteError",
+    "ParamSelection",
     "Resampled",
     "Sampler",
     "Setting",

@@ -47,7 +47,7 @@ from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 # this package supports, and these functions have been stable since torch 1.13.
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
-from .inner import InnerLoop
+from .inner import InnerLoop, _Subset
 from .typing import Batch, InnerState, LossFn, ModelT, Params
 
 __all__ = [
@@ -155,9 +155,24 @@ def loss_grad(loss: TaskLoss, params: Params, batch: Batch) -> tuple[Params, Ten
 def inner_step(
     loss: TaskLoss, inner_loop: InnerLoop, params: Params, state: InnerState, batch: Batch
 ) -> tuple[Params, InnerState]:
-    """One inner step on ``batch``: ``update(w_j, grad l(w_j; batch), s_j)``."""
-    grads, _ = loss_grad(loss, params, batch)
+    """One inner step on ``batch``: ``update(w_j, grad l(w_j; batch), s_j)``.
+
+    When only some parameters are adapted, only their gradient is taken.
+    """
+    adapted = _adapted_names(inner_loop)
+    if adapted is None:
+        grads, _ = loss_grad(loss, params, batch)
+    else:
+        fixed = {name: p for name, p in params.items() if name not in adapted}
+        grads, _ = grad_and_value(lambda a: _checked_value(loss, {**fixed, **a}, batch))(
+            {name: params[name] for name in adapted}
+        )
     return inner_loop.update(params, grads, state)
+
+
+def _adapted_names(inner_loop: InnerLoop) -> frozenset[str] | None:
+    """The names an inner loop adapts, if not all of them."""
+    return frozenset(inner_loop.names) if isinstance(inner_loop, _Subset) else None
 
 
 def _inner_product(a: Any, b: Any) -> Tensor:
@@ -299,6 +314,11 @@ def task_ops(loss: TaskLoss, inner_loop: InnerLoop) -> Ops:
     whose per-operation overhead made unvectorised steps of a conv net about 25%
     slower (torch 2.13, CPU).
     """
+    adapted = _adapted_names(inner_loop)
+
+    def differentiated(weights: Params) -> list[str]:
+        """The names whose gradient an inner step needs."""
+        return [name for name in weights if adapted is None or name in adapted]
 
     def grads_and_value(params: Params, batch: Batch) -> tuple[Params, Tensor]:
         with torch.enable_grad():
@@ -307,7 +327,18 @@ def task_ops(loss: TaskLoss, inner_loop: InnerLoop) -> Ops:
             return _autograd(value, weights), value.detach()
 
     def step(params: Params, state: InnerState, batch: Batch) -> tuple[Params, InnerState]:
-        grads, _ = grads_and_value(params, batch)
+        if adapted is None:
+            grads, _ = grads_and_value(params, batch)
+        else:
+            with torch.enable_grad():
+                weights = {
+                    name: p.detach().requires_grad_(name in adapted) for name, p in params.items()
+                }
+                value = _checked_value(loss, weights, batch)
+                names = differentiated(weights)
+                grads = dict(
+                    zip(names, torch.autograd.grad(value, [weights[n] for n in names]), strict=True)
+                )
         return inner_loop.update(params, grads, state)
 
     def step_vjp_(
@@ -317,10 +348,11 @@ def task_ops(loss: TaskLoss, inner_loop: InnerLoop) -> Ops:
             inputs = _leaves_requiring_grad((params, state))
             weights, start = inputs
             value = _checked_value(loss, weights, batch)
+            names = differentiated(weights)
             grads = dict(
                 zip(
-                    weights,
-                    torch.autograd.grad(value, list(weights.values()), create_graph=True),
+                    names,
+                    torch.autograd.grad(value, [weights[n] for n in names], create_graph=True),
                     strict=True,
                 )
             )
@@ -342,9 +374,10 @@ def task_ops(loss: TaskLoss, inner_loop: InnerLoop) -> Ops:
             weights, state = start, inner_loop.init(start)
             for batch in inner_batches:
                 value = _checked_value(loss, weights, batch)
-                grads = torch.autograd.grad(value, list(weights.values()), create_graph=True)
+                names = differentiated(weights)
+                grads = torch.autograd.grad(value, [weights[n] for n in names], create_graph=True)
                 weights, state = inner_loop.update(
-                    weights, dict(zip(weights, grads, strict=True)), state
+                    weights, dict(zip(names, grads, strict=True)), state
                 )
             value = loss(weights, outer_batch)
             meta_grad: Params = _autograd(value, start)
@@ -544,7 +577,13 @@ def scanned_recursion(
 
     def forward(carry: tuple[Params, InnerState], x: Any) -> tuple[Any, Any]:
         params_j, state_j = carry
-        new = ops.step(params_j, state_j, at(inner, x))
+        new_params, new_state = ops.step(params_j, state_j, at(inner, x))
+        # scan's outputs may not alias its inputs: parameters that an inner loop
+        # leaves as they are (not adapted) are passed on as copies.
+        new_params = {
+            name: p.clone() if p is params_j[name] else p for name, p in new_params.items()
+        }
+        new = (new_params, new_state)
         return new, (tree_map(torch.clone, params_j), tree_map(torch.clone, state_j))
 
     params = {name: p.contiguous() for name, p in params.items()}  # scan's carry layout

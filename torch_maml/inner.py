@@ -85,3 +85,32 @@ class GradientDescent:
     def update(self, params: Params, grads: Params, state: InnerState) -> tuple[Params, InnerState]:
         """``w - lr * grad`` for every adapted parameter."""
         return {name: p - self.lr * grads[name] for name, p in params.items()}, state
+
+
+@dataclass(frozen=True)
+class _Subset:
+    """``inner_loop`` adapting only the parameters ``names``; the others pass through.
+
+    The others are still meta parameters: the estimators differentiate each step
+    with respect to all of them (for gradient descent, their share of the meta
+    gradient is ``-alpha * H_{fa} v`` at each step plus their outer gradient), so
+    the meta gradient reaches every trainable parameter, as in ANIL.
+    """
+
+    inner_loop: InnerLoop
+    names: tuple[str, ...]
+
+    @property
+    def steps(self) -> int:
+        return self.inner_loop.steps
+
+    def init(self, params: Params) -> InnerState:
+        return self.inner_loop.init({name: params[name] for name in self.names})
+
+    def update(self, params: Params, grads: Params, state: InnerState) -> tuple[Params, InnerState]:
+        adapted, state = self.inner_loop.update(
+            {name: params[name] for name in self.names},
+            {name: grads[name] for name in self.names},
+            state,
+        )
+        return {**params, **adapted}, state

@@ -9,25 +9,36 @@ where the estimator gives :math:`\hat G_i` and the step-size policy :math:`\beta
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any, Generic, NamedTuple
+import itertools
+import math
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from typing import Any, Generic, Literal, NamedTuple, TypeAlias
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._validation import positive_int
 from .batching import ChunkSize, check_chunk_size
 from .errors import NonFiniteError
 from .estimators import MetaGradient, MetaGradientEstimator
-from .functional import OracleCounts, TaskLoss
-from .inner import InnerLoop
+from .functional import OracleCounts, TaskLoss, task_ops
+from .inner import InnerLoop, _Subset
 from .objective import MetaObjective
 from .step_size import Setting, SmoothnessAdaptive, StepContext, StepSize, StepSizePolicy
 from .tasks import Sampler, SupportQuery, Task, task_kind
 from .typing import BatchT, LossFn, ModelT, Params
 
-__all__ = ["MetaBackwardInfo", "MetaOptimizer", "MetaStepInfo"]
+__all__ = ["MetaBackwardInfo", "MetaOptimizer", "MetaStepInfo", "NanPolicy", "ParamSelection"]
+
+NanPolicy: TypeAlias = Literal["raise", "skip"]
+"""What a meta step that meets a NaN or Inf does: raise NonFiniteError, or skip itself."""
+
+ParamSelection: TypeAlias = Collection[str] | Callable[[str], bool]
+"""Which parameters the inner loop adapts: names or module prefixes, or a predicate on names."""
 
 
 class MetaStepInfo(NamedTuple):
@@ -43,6 +54,8 @@ class MetaStepInfo(NamedTuple):
     """Hessian-vector products this step (SPEC section 6)."""
     lhat: float | None
     """The smoothness estimate ``Lhat(w_k)`` (eq. 14 / 22), if the policy computed one."""
+    skipped: bool = False
+    """Whether the step was skipped for a NaN or Inf (``nan_policy="skip"``): ``w`` unchanged."""
 
 
 class MetaBackwardInfo(NamedTuple):
@@ -54,6 +67,8 @@ class MetaBackwardInfo(NamedTuple):
     """Gradient evaluations made."""
     hvp_evals: int
     """Hessian-vector products made."""
+    skipped: bool = False
+    """Whether no gradient was added for a NaN or Inf (``nan_policy="skip"``)."""
 
 
 def _describe_component(component: object) -> str:
@@ -72,8 +87,11 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
 
     .. math:: w_{k+1} = w_k - \beta_k \frac{1}{|B_k|}\sum_{i \in B_k} \hat G_i(w_k)
 
-    The meta parameters ``w`` are the model's parameters with ``requires_grad=True``,
-    all adapted in the inner loop; other parameters and buffers are used as they are.
+    The meta parameters ``w`` are the model's parameters with ``requires_grad=True``;
+    the inner loop adapts all of them, or the selection ``adapted``. Other parameters
+    and buffers are used as they are. BatchNorm layers in training mode normalise
+    every batch (each task's, at each inner step) with its own statistics and leave
+    their running statistics unchanged; in eval mode they use the running statistics.
 
     Args:
         model: the module whose parameters are meta-learned (updated in place).
@@ -98,6 +116,20 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             dict of its keyword arguments). The first steps pay the compilation (about
             15 s on a 2-core CPU, independent of ``N``); if compilation fails, the
             optimizer warns once (:class:`~torch_maml.CompileWarning`) and runs eagerly.
+        adapted: the parameters the inner loop adapts (default: all trainable ones),
+            as names or module prefixes (``["head"]`` selects ``head.weight`` and
+            ``head.bias``) or a predicate on parameter names. The meta gradient
+            still reaches every trainable parameter (ANIL, Raghu et al. 2020, with
+            the head selected).
+        nan_policy: ``"raise"`` (default): a NaN or Inf in a loss, a gradient or
+            the step size raises :class:`~torch_maml.NonFiniteError`, which says
+            where it first appeared; ``"skip"``: the step changes nothing and
+            reports ``skipped=True``; :attr:`skipped_steps` counts them.
+        distributed: average the meta gradient over the processes of
+            ``torch.distributed``'s default group (``True``) or of a given process
+            group, before the update: each process passes its own shard of the
+            meta-batch, and all keep the same weights (broadcast from the group's
+            first rank when the optimizer is built). Needs an initialised process group.
 
     References:
         C. Finn, P. Abbeel, S. Levine. *Model-Agnostic Meta-Learning for Fast
@@ -134,6 +166,9 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         generator: torch.Generator | None = None,
         task_chunk_size: ChunkSize = "auto",
         compile: bool | Mapping[str, Any] = False,
+        adapted: ParamSelection | None = None,
+        nan_policy: NanPolicy = "raise",
+        distributed: bool | dist.ProcessGroup = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -166,6 +201,10 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             raise ValueError("'model' has no trainable parameters (none with requires_grad=True)")
         if isinstance(step_size, SmoothnessAdaptive):
             step_size.check(inner_loop, stacklevel=2)
+        if nan_policy not in ("raise", "skip"):
+            raise ValueError(f"'nan_policy' must be 'raise' or 'skip' (got {nan_policy!r})")
+        adapted_names = _select(model, [name for name, _ in named], adapted)
+        self._group = _process_group(distributed)
 
         # Plain tensors, not (name, tensor) pairs: named param groups need torch >= 2.5.
         super().__init__([p for _, p in named], {"lr": step_size.lr})
@@ -174,9 +213,15 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         self.inner_loop = inner_loop
         self.estimator = estimator
         self.step_size = step_size
+        self.adapted = adapted_names
+        """The names of the parameters the inner loop adapts."""
+        self.nan_policy: NanPolicy = nan_policy
+        inner: InnerLoop = inner_loop
+        if len(adapted_names) < len(named):
+            inner = _Subset(inner_loop, adapted_names)
         self.objective = MetaObjective(
             TaskLoss(model, loss_fn, [n for n, _ in named]),
-            inner_loop,
+            inner,
             task_chunk_size=task_chunk_size,
             compile=compile,
         )
@@ -185,7 +230,11 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             generator = torch.Generator().manual_seed(seed)
         self.generator = generator
         self.meta_steps = 0
-        """The number ``k`` of meta steps taken by :meth:`step`."""
+        """The number ``k`` of meta steps taken by :meth:`step` (skipped ones not counted)."""
+        self.skipped_steps = 0
+        """Steps and meta_backward calls skipped for a NaN or Inf (``nan_policy="skip"``)."""
+        if self._group is not None:
+            _broadcast_parameters([p for _, p in named], self._group)
 
     # torch.optim.Optimizer.step takes an optional loss closure; a meta step needs a
     # meta-batch instead, and returns what it did. No signature can be both (the
@@ -209,19 +258,22 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
                 smoothness-adaptive policy measures gradient norms (default: ``tasks``).
 
         Returns:
-            :class:`MetaStepInfo`: loss, beta, grad_evals, hvp_evals, lhat.
+            :class:`MetaStepInfo`: loss, beta, grad_evals, hvp_evals, lhat, skipped.
 
         Raises:
-            NonFiniteError: the loss, the meta gradient or the step size is NaN or Inf.
+            NonFiniteError: the loss, the meta gradient or the step size is NaN or Inf
+                (with ``nan_policy="raise"``).
         """
         self._reject_closure(tasks)
         setting = self._setting(tasks, "tasks")
         if probe_tasks is not None and self._setting(probe_tasks, "probe_tasks") != setting:
             raise TypeError("'probe_tasks' must be of the same kind as 'tasks'")
-        with self._restoring_generator_on_error():
+        with self._restoring_generator_on_error(), _batch_statistics_only(self.model):
             params = self.objective.loss.params()
-            result = self._meta_gradient(params, tasks)
+            result, finite = self._meta_gradient(params, tasks)
             probe_counts = OracleCounts()
+            if not finite:
+                return self._skipped(result, probe_counts)
             context = StepContext(
                 lr=float(self.param_groups[0]["lr"]),
                 step=self.meta_steps,
@@ -231,8 +283,12 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
                     params, probe_tasks if probe_tasks is not None else tasks, size, probe_counts
                 ),
             )
-            size = self.step_size(context)
-            self._check_step_size(size)
+            try:
+                size = self.step_size(context)
+            except _SkipStepError:
+                return self._skipped(result, probe_counts)
+            if not self._check_step_size(size):
+                return self._skipped(result, probe_counts)
             with torch.no_grad():
                 for name, p in self._named_params():
                     p.add_(result.grads[name], alpha=-size.beta)
@@ -243,6 +299,17 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             grad_evals=result.grad_evals + probe_counts.grad_evals,
             hvp_evals=result.hvp_evals,
             lhat=size.lhat,
+        )
+
+    def _skipped(self, result: MetaGradient, probe_counts: OracleCounts) -> MetaStepInfo:
+        self.skipped_steps += 1
+        return MetaStepInfo(
+            loss=result.loss,
+            beta=0.0,
+            grad_evals=result.grad_evals + probe_counts.grad_evals,
+            hvp_evals=result.hvp_evals,
+            lhat=None,
+            skipped=True,
         )
 
     def meta_backward(self, tasks: Sequence[Task[BatchT]]) -> MetaBackwardInfo:
@@ -257,8 +324,11 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         """
         self._reject_closure(tasks)
         self._setting(tasks, "tasks")
-        with self._restoring_generator_on_error():
-            result = self._meta_gradient(self.objective.loss.params(), tasks)
+        with self._restoring_generator_on_error(), _batch_statistics_only(self.model):
+            result, finite = self._meta_gradient(self.objective.loss.params(), tasks)
+        if not finite:
+            self.skipped_steps += 1
+            return MetaBackwardInfo(result.loss, result.grad_evals, result.hvp_evals, True)
         with torch.no_grad():
             for name, p in self._named_params():
                 if p.grad is None:
@@ -313,7 +383,8 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             size = positive_int("inner_size", size)
             draw_from = self.generator if generator is None else generator
             batches = [task.sample(size, generator=draw_from) for _ in range(count)]
-        return self.objective.adapt(self.objective.loss.params(), batches)
+        with _batch_statistics_only(self.model):
+            return self.objective.adapt(self.objective.loss.params(), batches)
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state: param_groups, meta step count, generator, configuration.
@@ -323,6 +394,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         state = super().state_dict()
         state["meta"] = {
             "meta_steps": self.meta_steps,
+            "skipped_steps": self.skipped_steps,
             "generator": self.generator.get_state(),
             "config": self._config(),
         }
@@ -354,6 +426,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "meta"})
         self.generator.set_state(meta["generator"])
         self.meta_steps = int(meta["meta_steps"])
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
 
     # ------------------------------------------------------------------ internals
 
@@ -379,6 +452,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             "inner_loop": _describe_component(self.inner_loop),
             "estimator": _describe_component(self.estimator),
             "step_size": _describe_component(self.step_size),
+            "adapted": list(self.adapted),
         }
 
     @staticmethod
@@ -396,16 +470,51 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
     def _restoring_generator_on_error(self) -> _RestoreGenerator:
         return _RestoreGenerator(self.generator)
 
-    def _meta_gradient(self, params: Params, tasks: Sequence[Task[BatchT]]) -> MetaGradient:
+    def _meta_gradient(
+        self, params: Params, tasks: Sequence[Task[BatchT]]
+    ) -> tuple[MetaGradient, bool]:
+        """The estimator's result (averaged over the process group), and whether finite."""
         result = self.estimator.meta_gradient(self.objective, params, tasks, self.generator)
+        if self._group is not None:
+            result = _all_reduce_mean(result, len(tasks), self._group)
         values = [result.loss.reshape(1)] + [g.reshape(-1) for g in result.grads.values()]
-        if not bool(torch.isfinite(torch.cat(values)).all()):
-            what = "outer loss" if not bool(torch.isfinite(result.loss)) else "meta gradient"
-            raise NonFiniteError(
-                f"the meta step produced a non-finite {what} (loss={result.loss.item():.6g}); "
-                "no weights were changed. Lower the inner or outer step size, or check the data."
-            )
-        return result
+        if bool(torch.isfinite(torch.cat(values)).all()):
+            return result, True
+        if self.nan_policy == "skip":
+            return result, False
+        what = "outer loss" if not bool(torch.isfinite(result.loss)) else "meta gradient"
+        where = self._locate_nonfinite(params, tasks)
+        raise NonFiniteError(
+            f"the meta step produced a non-finite {what} (loss={result.loss.item():.6g})"
+            f"{'; it first appears in ' + where if where else ''}; no weights were changed. "
+            "Lower the inner or outer step size, or check the data."
+        )
+
+    def _locate_nonfinite(self, params: Params, tasks: Sequence[Task[BatchT]]) -> str:
+        """Where a NaN or Inf first appears, replaying support/query tasks one by one."""
+        if not all(isinstance(task, SupportQuery) for task in tasks):
+            return ""  # a sampler's draws cannot be replayed
+        ops = task_ops(self.objective.loss, self.objective.inner_loop)
+
+        def finite(grads: Params) -> bool:
+            return all(bool(torch.isfinite(g).all()) for g in grads.values())
+
+        for i, task in enumerate(tasks):
+            assert isinstance(task, SupportQuery)
+            w, state = params, self.objective.inner_loop.init(params)
+            for j in range(self.objective.inner_loop.steps):
+                grads, value = ops.loss_grad(w, task.support)
+                if not bool(torch.isfinite(value)):
+                    return f"the support loss at inner step {j} of task {i} ({value.item():.6g})"
+                if not finite(grads):
+                    return f"the support-loss gradient at inner step {j} of task {i}"
+                w, state = ops.step(w, state, task.support)
+            grads, value = ops.loss_grad(w, task.query)
+            if not bool(torch.isfinite(value)):
+                return f"the query loss of task {i} ({value.item():.6g})"
+            if not finite(grads):
+                return f"the query-loss gradient of task {i}"
+        return "another process's tasks" if self._group is not None else ""
 
     def _probe_grad_norm(
         self,
@@ -431,10 +540,25 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             grads, _ = self.objective.loss_grad(params, batch)
             counts.grad_evals += 1
             norms.append(torch.cat([g.reshape(-1) for g in grads.values()]).norm())
-        return float(torch.stack(norms).mean())
+        total = torch.stack(norms).sum().to(torch.float64)
+        if self._group is None:
+            mean = float(total / len(norms))
+        else:
+            summed = torch.stack([total, torch.tensor(len(norms), dtype=torch.float64).to(total)])
+            dist.all_reduce(summed, group=self._group)
+            counts.grad_evals += int(summed[1].item()) - len(norms)  # every process's probes
+            mean = float(summed[0] / summed[1])
+        if math.isfinite(mean):
+            return mean
+        if self.nan_policy == "skip":
+            raise _SkipStepError
+        raise NonFiniteError(
+            f"the probe gradients' mean norm at w_k is {mean} (a NaN or Inf in the probe "
+            "tasks' losses or gradients); no weights were changed"
+        )
 
-    @staticmethod
-    def _check_step_size(size: StepSize) -> None:
+    def _check_step_size(self, size: StepSize) -> bool:
+        """Whether ``size`` is usable; False for a NaN or Inf under ``nan_policy="skip"``."""
         if not isinstance(size, StepSize):
             raise TypeError(
                 "'step_size' must return a StepSize(beta, lhat) "
@@ -443,11 +567,18 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         beta = size.beta
         if not isinstance(beta, (int, float)) or isinstance(beta, bool):
             raise TypeError(f"'step_size' returned a beta that is not a number (got {beta!r})")
+        if not math.isfinite(beta) and self.nan_policy == "skip":
+            return False
         if not (beta > 0 and beta < float("inf")):
             raise NonFiniteError(
                 f"'step_size' returned beta={beta}: it must be a finite number > 0; "
                 "no weights were changed"
             )
+        return True
+
+
+class _SkipStepError(Exception):
+    """Raised inside a step-size policy's probe to skip the step (``nan_policy="skip"``)."""
 
 
 class _RestoreGenerator:
@@ -463,3 +594,114 @@ class _RestoreGenerator:
     def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
         if exc_type is not None:
             self._generator.set_state(self._state)
+
+
+@contextlib.contextmanager
+def _batch_statistics_only(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers in training mode normalise with batch statistics, updating none.
+
+    In a meta step, a layer would otherwise fold every task's and every inner step's
+    statistics into its running ones (and, vectorised over tasks, fail to); with
+    ``track_running_stats`` off for the duration, each batch is normalised by its
+    own statistics, exactly as in training mode, and the buffers stay as they are.
+    """
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
+    ]
+    for layer in layers:
+        layer.track_running_stats = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.track_running_stats = True
+
+
+def _select(
+    model: nn.Module, trainable: list[str], adapted: ParamSelection | None
+) -> tuple[str, ...]:
+    """The names of the trainable parameters that ``adapted`` selects (all if None)."""
+    if adapted is None:
+        return tuple(trainable)
+    if callable(adapted):
+        chosen = tuple(name for name in trainable if adapted(name))
+    else:
+        if isinstance(adapted, str) or not all(isinstance(e, str) for e in adapted):
+            raise TypeError(
+                "'adapted' must be a collection of parameter names or module prefixes, or a "
+                f"predicate on names (got {adapted!r})"
+            )
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+
+        def selects(entry: str, name: str) -> bool:
+            return name == entry or name.startswith(entry + ".")
+
+        for entry in adapted:
+            if not any(selects(entry, name) for name in trainable):
+                why = (
+                    "it is a parameter with requires_grad=False, which is never adapted"
+                    if any(selects(entry, name) for name in frozen)
+                    else f"the trainable parameters are {trainable}"
+                )
+                raise ValueError(f"'adapted' entry {entry!r} selects no trainable parameter: {why}")
+        chosen = tuple(name for name in trainable if any(selects(e, name) for e in adapted))
+    if not chosen:
+        raise ValueError(
+            f"'adapted' selects no trainable parameter (the trainable ones are {trainable})"
+        )
+    return chosen
+
+
+def _process_group(distributed: bool | dist.ProcessGroup) -> dist.ProcessGroup | None:
+    """The process group to average over, checked; None when not distributed."""
+    if distributed is False:
+        return None
+    if distributed is not True and not isinstance(distributed, dist.ProcessGroup):
+        raise TypeError(
+            "'distributed' must be a bool or a torch.distributed.ProcessGroup "
+            f"(got an object of type {type(distributed).__name__})"
+        )
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "'distributed' needs torch.distributed to be initialised first "
+            "(torch.distributed.init_process_group)"
+        )
+    group = dist.group.WORLD if distributed is True else distributed
+    assert group is not None
+    return group
+
+
+def _broadcast_parameters(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:
+    """Give every process of ``group`` the parameters of its first rank."""
+    source = dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=source, group=group)
+
+
+def _all_reduce_mean(result: MetaGradient, count: int, group: dist.ProcessGroup) -> MetaGradient:
+    """The mean over every process's tasks of a per-process mean over ``count`` tasks."""
+    grads = list(result.grads.values())
+    flat = torch.cat([g.reshape(-1) for g in grads] + [result.loss.reshape(1).to(grads[0])])
+    dist.all_reduce(flat.mul_(count), group=group)
+    totals = torch.tensor(
+        [count, result.grad_evals, result.hvp_evals], dtype=torch.float64, device=flat.device
+    )
+    dist.all_reduce(totals, group=group)
+    tasks, grad_evals, hvp_evals = (int(v) for v in totals.tolist())
+    flat = flat / tasks
+    offsets = [0]
+    for g in grads:
+        offsets.append(offsets[-1] + g.numel())
+    pieces = [flat[a:b] for a, b in itertools.pairwise(offsets)]
+    return MetaGradient(
+        grads={
+            name: piece.view_as(g)
+            for (name, g), piece in zip(result.grads.items(), pieces, strict=True)
+        },
+        loss=flat[-1].to(result.loss.dtype),
+        grad_evals=grad_evals,
+        hvp_evals=hvp_evals,
+    )

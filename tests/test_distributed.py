@@ -1,0 +1,48 @@
+"""torch.distributed: 2 processes (gloo, CPU) end with the weights of 1 process that takes
+the whole meta-batch, in float64 to 1e-10, through ``examples/distributed.py``.
+
+5 tasks per meta-batch: shards of 3 and 2 tasks, so a plain average of the two
+processes' means would be wrong; the probe gradients of SmoothnessAdaptive are
+averaged over the processes too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = str(ROOT / "examples" / "distributed.py")
+
+
+def run(command: list[str], out: Path) -> dict[str, torch.Tensor]:
+    environment = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    done = subprocess.run(
+        [*command, "--quick", "--dtype", "float64", "--out", str(out)],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    weights: dict[str, torch.Tensor] = torch.load(out, weights_only=True)
+    return weights
+
+
+@pytest.mark.parametrize("outer", ["constant", "adaptive"])
+def test_two_processes_match_one_on_the_whole_meta_batch(tmp_path: Path, outer: str) -> None:
+    one = run([sys.executable, EXAMPLE, "--outer", outer], tmp_path / "one.pt")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = run([*torchrun, EXAMPLE, "--outer", outer], tmp_path / "two.pt")
+    assert one.keys() == two.keys()
+    flat_one = torch.cat([one[n].reshape(-1) for n in one])
+    flat_two = torch.cat([two[n].reshape(-1) for n in one])
+    assert flat_one.dtype == torch.float64
+    assert float((flat_two - flat_one).norm() / flat_one.norm()) < 1e-10
