@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Tensor]:
         if args.out is not None:
             torch.save(weights, args.out)
     if distributed:
+        dist.barrier()  # no process tears its connections down while another still uses them
         dist.destroy_process_group()
     return weights
 

@@ -31,7 +31,7 @@ def run(command: list[str], out: Path) -> dict[str, torch.Tensor]:
         timeout=300,
         check=False,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     weights: dict[str, torch.Tensor] = torch.load(out, weights_only=True)
     return weights
 
