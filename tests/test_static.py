@@ -1,8 +1,9 @@
 """The package's own static checks, run as tests so that CI enforces them.
 
 ``mypy --strict`` covers torch_maml/, tests/ (including tests/typing_cases: a user's
-package that must type-check, and usage that must be rejected) and examples/;
-ruff checks lint and formatting, of benchmarks/ too. Both are configured in pyproject.toml.
+package that must type-check, and usage that must be rejected), examples/ and the docs
+site's build extensions (docs/_ext); ruff checks lint and formatting, of benchmarks/
+too. Both are configured in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ def run(*command: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_mypy_strict() -> None:
-    result = run(sys.executable, "-m", "mypy", "--strict", "torch_maml", "tests", "examples")
+    result = run(
+        sys.executable, "-m", "mypy", "--strict", "torch_maml", "tests", "examples", "docs/_ext"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_ruff() -> None:
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    lint = run(ruff, "check", "torch_maml", "tests", "examples", "benchmarks")
+    paths = ("torch_maml", "tests", "examples", "benchmarks", "docs/_ext")
+    lint = run(ruff, "check", *paths)
     assert lint.returncode == 0, lint.stdout + lint.stderr
-    formatting = run(ruff, "format", "--check", "torch_maml", "tests", "examples", "benchmarks")
+    formatting = run(ruff, "format", "--check", *paths)
     assert formatting.returncode == 0, formatting.stdout + formatting.stderr

@@ -46,7 +46,7 @@ class MetaObjective:
         loss: the task loss ``l(w; batch)``.
         inner_loop: the inner optimiser that produces ``w_N`` from ``w``.
         task_chunk_size: how many tasks the estimators vectorise at once: a number,
-            ``"auto"`` (see :func:`torch_maml.batching.plan_chunks`) or ``None`` (all
+            ``"auto"`` (see :func:`torch_maml.batching.plan_chunk_size`) or ``None`` (all
             the tasks of a meta-batch at once). 1 runs tasks one by one, unvectorised.
         compile: compile the vectorised operations with ``torch.compile``: ``True``
             for its defaults, or a dict of its keyword arguments.
