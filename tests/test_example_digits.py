@@ -37,15 +37,15 @@ def test_digits_quick_run_adapts_to_unseen_digits(
         assert plot.stat().st_size > 10_000
 
     # Seeded, hence deterministic: on the reference machine (torch 2.13 CPU) the quick
-    # run's 50 tasks give, after 5 inner steps, 67.1% for MAML, 69.1% without
-    # meta-training and 65.8% for the pretrained network, chance being 20%. Forty
-    # iterations are too few for MAML to pull ahead of the untrained network (the
-    # default run's 500 do), so the test checks what holds with a wide margin: all
-    # three learn the unseen digits from one image each, far above chance.
+    # run's 20 tasks give, after 5 inner steps, 76.2 +- 3.6% for MAML, 73.5 +- 4.4%
+    # without meta-training and 68.5 +- 3.6% for the pretrained network, chance being
+    # 20%. Its 25 iterations do not separate MAML from the baselines (the default
+    # run's 500 do, by 4 points or more), so the test checks what holds with a wide
+    # margin: all three learn the unseen digits from one image each, far above chance.
     assert result.chance == pytest.approx(0.2)
     for accuracy in (result.maml, result.random_init, result.pretrained):
         assert accuracy.mean > 2.5 * result.chance
-        assert 0 < accuracy.ci < 0.05
+        assert 0 < accuracy.ci < 0.1
     # Labels are shuffled from task to task, so before adaptation no network does
     # better than chance: the accuracy comes from the inner steps. The pretrained
     # network's zero head ties all logits, so it is exactly at chance.
@@ -63,7 +63,7 @@ def test_digits_quick_run_adapts_to_unseen_digits(
         assert curve[digits.INNER_STEPS].mean == pytest.approx(accuracy.mean, abs=1e-6)
 
     out = capsys.readouterr().out
-    assert "Query accuracy on 50 meta-test tasks (5-way 1-shot" in out
+    assert "Query accuracy on 20 meta-test tasks (5-way 1-shot" in out
     for name, accuracy in zip(curves, table, strict=True):
         row = next(line for line in out.splitlines() if line.startswith(name))
         assert f"{100 * accuracy.mean:.1f} ± {100 * accuracy.ci:.1f} %" in row
