@@ -7,8 +7,11 @@ data covers the non-quadratic case, where the Hessian changes along the inner pa
 
 from __future__ import annotations
 
+import importlib.util
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -209,3 +212,18 @@ def meta_objective(
             ]
         total = total + mse_by_hand(w, task.query).detach()
     return total / len(tasks)
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    """``examples/<name>.py`` as a module: examples/ is not a package, and a user runs the
+    file itself, so it is loaded from its path."""
+    path = EXAMPLES / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"torch_maml_example_{name}", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

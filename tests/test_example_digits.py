@@ -5,23 +5,17 @@ examples/ is not a package: the example is loaded from its file, as a user would
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "few_shot_digits.py"
+from tests.problems import load_example
 
 
 @pytest.fixture(scope="module")
 def digits() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("torch_maml_example_few_shot_digits", EXAMPLE)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("few_shot_digits")
 
 
 def test_digits_quick_run_adapts_to_unseen_digits(

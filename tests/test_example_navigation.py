@@ -5,7 +5,6 @@ examples/ is not a package: the example is loaded from its file, as a user would
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 from types import ModuleType
@@ -17,8 +16,7 @@ from torch import Tensor
 from torch.func import grad, jacrev, vmap
 
 import torch_maml as tm
-
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "navigation_rl.py"
+from tests.problems import load_example
 
 
 def hessian(f: Any) -> Any:
@@ -33,12 +31,7 @@ one Gaussian component; the draws are seeded, so a pass is reproducible)."""
 
 @pytest.fixture(scope="module")
 def navigation() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("torch_maml_example_navigation_rl", EXAMPLE)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("navigation_rl")
 
 
 # ------------------------------------------------------------- DiCE, against a closed form
