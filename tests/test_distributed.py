@@ -18,6 +18,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "examples" / "distributed.py")
+TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def run(command: list[str], out: Path) -> dict[str, torch.Tensor]:
@@ -31,7 +32,15 @@ def run(command: list[str], out: Path) -> dict[str, torch.Tensor]:
         timeout=300,
         check=False,
     )
-    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    output = f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    if done.returncode != 0 and TEARDOWN_ABORT in done.stderr:
+        # torch's gloo backend can abort a process at interpreter exit, after
+        # destroy_process_group, when its threads outlive the interpreter (seen twice in
+        # a fresh CI environment, never in 20 runs here; an upstream teardown problem,
+        # pytorch/pytorch#190489). The work itself must have finished.
+        assert "done" in done.stdout, output
+    else:
+        assert done.returncode == 0, output
     weights: dict[str, torch.Tensor] = torch.load(out, weights_only=True)
     return weights
 
