@@ -69,21 +69,34 @@ def mse(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     return F.mse_loss(model(x), y)
 
 
+LossFn = Callable[[nn.Module, tuple[Tensor, Tensor]], Tensor]
+
+
+def build(
+    model: nn.Module,
+    loss_fn: LossFn = mse,
+    estimator: tm.MetaGradientEstimator | None = None,
+    steps: int = STEPS,
+    **options: Any,
+) -> tm.MetaOptimizer[nn.Module, tuple[Tensor, Tensor]]:
+    return tm.MetaOptimizer(
+        model,
+        loss_fn,
+        inner_loop=tm.GradientDescent(steps=steps, lr=ALPHA),
+        estimator=estimator if estimator is not None else tm.FiniteSum(),
+        step_size=tm.Constant(0.1),
+        **options,
+    )
+
+
 def meta_grads(
     model: nn.Module,
     tasks: Any,
     estimator: tm.MetaGradientEstimator,
-    loss_fn: Callable[[nn.Module, tuple[Tensor, Tensor]], Tensor] = mse,
+    loss_fn: LossFn = mse,
     **options: Any,
 ) -> dict[str, Tensor]:
-    optimizer = tm.MetaOptimizer(
-        model,
-        loss_fn,
-        inner_loop=tm.GradientDescent(steps=STEPS, lr=ALPHA),
-        estimator=estimator,
-        step_size=tm.Constant(0.1),
-        **options,
-    )
+    optimizer = build(model, loss_fn, estimator, **options)
     optimizer.zero_grad()
     optimizer.meta_backward(tasks)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -166,13 +179,7 @@ def test_batch_norm_adapt_and_step_leave_running_stats() -> None:
     model = BatchNormNet()
     tasks = tasks_for(seed=2)
     before = {n: b.clone() for n, b in model.named_buffers()}
-    optimizer = tm.MetaOptimizer(
-        model,
-        mse,
-        inner_loop=tm.GradientDescent(steps=STEPS, lr=ALPHA),
-        estimator=tm.FiniteSum(),
-        step_size=tm.Constant(0.1),
-    )
+    optimizer = build(model)
     optimizer.step(tasks)
     optimizer.adapt(tasks[0])
     assert all(torch.equal(b, before[n]) for n, b in model.named_buffers())
@@ -221,13 +228,7 @@ def test_tied_weights_adapt_and_update_as_one(
 
 def test_tied_weights_stay_tied_after_a_step() -> None:
     model = TiedAutoencoder()
-    optimizer = tm.MetaOptimizer(
-        model,
-        mse,
-        inner_loop=tm.GradientDescent(steps=STEPS, lr=ALPHA),
-        estimator=tm.FiniteSum(),
-        step_size=tm.Constant(0.1),
-    )
+    optimizer = build(model)
     before = model.encoder.weight.detach().clone()
     optimizer.step(tasks_for(seed=5, dim=4))
     assert model.decoder.weight is model.encoder.weight
@@ -272,13 +273,7 @@ def test_frozen_parameters_are_never_adapted_nor_updated(
     want = dict(zip(["0.weight", "2.weight", "2.bias"], expected, strict=True))
     assert params_relative_error(grads, want) < 1e-10
 
-    optimizer = tm.MetaOptimizer(
-        model,
-        mse,
-        inner_loop=tm.GradientDescent(steps=STEPS, lr=ALPHA),
-        estimator=estimator,
-        step_size=tm.Constant(0.1),
-    )
+    optimizer = build(model, estimator=estimator)
     optimizer.step(tasks)
     assert torch.equal(first.bias, frozen)
     assert first.bias.grad is None
@@ -348,37 +343,35 @@ def test_adapting_the_head_only_differs_from_adapting_all() -> None:
     assert params_relative_error(head, every) > 1e-3
 
 
-def test_adapting_the_head_only_with_resampled_matches_exact() -> None:
-    from tests.problems import RegressionSampler
+class FixedSampler:
+    """A sampler that returns the same batch whatever is asked: S_j = D_j = T."""
 
-    samplers = [RegressionSampler(1.0 + 0.3 * i, 0.5 * i) for i in range(3)]
-    results = []
-    for estimator in (tm.Resampled(5, 5, 7), tm.Exact(inner_size=5, outer_size=7)):
-        model = TwoPart()
-        optimizer = tm.MetaOptimizer(
-            model,
-            two_part_loss,
-            inner_loop=tm.GradientDescent(steps=1, lr=ALPHA),  # N=1: Resampled == Exact in law
-            estimator=estimator,
-            step_size=tm.Constant(0.1),
-            generator=torch.Generator().manual_seed(12),
-            adapted=["head"],
-        )
-        info = optimizer.step(samplers)
-        results.append(info.loss)
-    assert torch.isfinite(torch.stack(results)).all()
+    def __init__(self, batch: tuple[Tensor, Tensor]) -> None:
+        self.batch = batch
+
+    def sample(self, size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        return self.batch
+
+
+@pytest.mark.parametrize("path", ["list", "one by one"])
+def test_adapting_the_head_only_with_resampled(path: str) -> None:
+    # With every draw the same batch, eq. 7 is the meta gradient of the task
+    # SupportQuery(batch, batch): Resampled must equal the hand-written reference.
+    tasks = tasks_for(seed=12)
+    samplers = [FixedSampler(t.support) for t in tasks]
+    names = [n for n, _ in TwoPart().named_parameters()]
+    same = [tm.SupportQuery(t.support, t.support) for t in tasks]
+    expected = by_hand(mlp_by_hand, list(TwoPart().parameters()), same, adapted=[2, 3])
+    options = {"task_chunk_size": 1} if path == "one by one" else {}
+    grads = meta_grads(
+        TwoPart(), samplers, tm.Resampled(8, 8, 8), two_part_loss, adapted=["head"], **options
+    )
+    assert params_relative_error(grads, dict(zip(names, expected, strict=True))) < 1e-10
 
 
 def test_adapt_returns_every_parameter_with_the_body_unchanged() -> None:
     model = TwoPart()
-    optimizer = tm.MetaOptimizer(
-        model,
-        two_part_loss,
-        inner_loop=tm.GradientDescent(steps=STEPS, lr=ALPHA),
-        estimator=tm.FiniteSum(),
-        step_size=tm.Constant(0.1),
-        adapted=["head"],
-    )
+    optimizer = build(model, loss_fn=two_part_loss, adapted=["head"])
     adapted = optimizer.adapt(tasks_for(seed=13)[0])
     assert torch.equal(adapted["body.0.weight"], model.get_parameter("body.0.weight"))
     assert not torch.equal(adapted["head.weight"], model.head.weight)
@@ -398,29 +391,14 @@ def test_bad_selections(adapted: Any, error: type[Exception], message: str) -> N
     model = TwoPart()
     model.get_parameter("body.0.bias").requires_grad_(False)
     with pytest.raises(error, match=message):
-        tm.MetaOptimizer(
-            model,
-            two_part_loss,
-            inner_loop=tm.GradientDescent(steps=1, lr=ALPHA),
-            estimator=tm.FiniteSum(),
-            step_size=tm.Constant(0.1),
-            adapted=adapted,
-        )
+        build(model, loss_fn=two_part_loss, steps=1, adapted=adapted)
 
 
 def test_selection_is_part_of_the_configuration() -> None:
-    def build(adapted: list[str] | None) -> tm.MetaOptimizer[nn.Module, tuple[Tensor, Tensor]]:
-        return tm.MetaOptimizer(
-            TwoPart(),
-            two_part_loss,
-            inner_loop=tm.GradientDescent(steps=1, lr=ALPHA),
-            estimator=tm.FiniteSum(),
-            step_size=tm.Constant(0.1),
-            adapted=adapted,
-        )
-
+    head_only = build(TwoPart(), loss_fn=two_part_loss, adapted=["head"])
+    every = build(TwoPart(), loss_fn=two_part_loss)
     with pytest.raises(ValueError, match="adapted"):
-        build(["head"]).load_state_dict(build(None).state_dict())
+        head_only.load_state_dict(every.state_dict())
 
 
 # ---------------------------------------------------------------- dtypes
@@ -438,14 +416,7 @@ def test_model_dtype_is_kept(dtype: torch.dtype, path: str) -> None:
         for t in tasks_for(seed=15)
     ]
     data, options = as_path(tasks, path)
-    optimizer = tm.MetaOptimizer(
-        model,
-        mse,
-        inner_loop=tm.GradientDescent(steps=STEPS, lr=ALPHA),
-        estimator=tm.FiniteSum(),
-        step_size=tm.Constant(0.1),
-        **options,
-    )
+    optimizer = build(model, **options)
     before = [p.detach().clone() for p in model.parameters()]
     info = optimizer.step(data)
     assert info.loss.dtype == dtype

@@ -327,18 +327,13 @@ def task_ops(loss: TaskLoss, inner_loop: InnerLoop) -> Ops:
             return _autograd(value, weights), value.detach()
 
     def step(params: Params, state: InnerState, batch: Batch) -> tuple[Params, InnerState]:
-        if adapted is None:
-            grads, _ = grads_and_value(params, batch)
-        else:
-            with torch.enable_grad():
-                weights = {
-                    name: p.detach().requires_grad_(name in adapted) for name, p in params.items()
-                }
-                value = _checked_value(loss, weights, batch)
-                names = differentiated(weights)
-                grads = dict(
-                    zip(names, torch.autograd.grad(value, [weights[n] for n in names]), strict=True)
-                )
+        with torch.enable_grad():
+            weights = {name: p.detach() for name, p in params.items()}
+            names = differentiated(weights)
+            for name in names:
+                weights[name].requires_grad_(True)
+            value = _checked_value(loss, weights, batch)
+            grads: Params = _autograd(value, {name: weights[name] for name in names})
         return inner_loop.update(params, grads, state)
 
     def step_vjp_(
