@@ -12,7 +12,8 @@ the same way, barely improves. The network is meta-trained twice from the same
 initialisation on the same tasks, once with each second-order estimator, ``FiniteSum``
 (the HVP recursion, memory flat in N) and ``Exact`` (autograd through the unrolled
 loop): their meta gradients are equal up to rounding, so the two runs end with the
-same numbers, at different costs. (A first-order estimator is not in the library yet.)
+same numbers, at different costs. (``FirstOrder``, which drops the Hessian product,
+is not used here.)
 The final table gives the mean query MSE before and after adaptation for each, and two
 plots go to ``--out`` (default ``docs/images``): a held-out task before and after
 adaptation (``sinusoid_adaptation.png``), and the query MSE against the number of

@@ -53,3 +53,11 @@ def nonnegative_float(name: str, value: object) -> float:
     if result < 0:
         raise ValueError(f"'{name}' must be a finite number >= 0 (got {result})")
     return result
+
+
+def unit_interval(name: str, value: object) -> float:
+    """Return ``value`` as a float if it is a real number in [0, 1), else raise."""
+    result = _real(name, value, "in [0, 1)")
+    if not 0 <= result < 1:
+        raise ValueError(f"'{name}' must be in [0, 1) (got {result})")
+    return result

@@ -27,6 +27,11 @@ compute the meta gradient (SPEC section 2):
 
   Memory holds the iterates and one step's graph, whatever ``N``.
 
+The last section holds the algorithms of the estimators beyond the paper's three:
+:func:`first_order_meta_gradient`, :func:`reptile_meta_gradient`,
+:func:`hessian_free_meta_gradient` (the recursion with :func:`finite_difference_hvp`)
+and :func:`implicit_meta_gradient` (:func:`conjugate_gradient` with :func:`loss_hvp`).
+
 Hessian-vector products are reverse-over-reverse (forward-over-reverse fails on
 ``F.mse_loss`` in torch 2.13): ``torch.func.vjp`` of a step, or, for torch.compile,
 which cannot trace ``vjp`` inside ``vmap``, ``grad_w <F(w), v>`` from nested
@@ -35,7 +40,7 @@ which cannot trace ``vjp`` inside ``vmap``, ``grad_w <F(w), v>`` from nested
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic
 
@@ -56,9 +61,16 @@ __all__ = [
     "TaskLoss",
     "adapt",
     "batched_ops",
+    "conjugate_gradient",
+    "finite_difference_hvp",
+    "first_order_meta_gradient",
+    "hessian_free_meta_gradient",
+    "implicit_meta_gradient",
     "inner_step",
     "loss_grad",
+    "loss_hvp",
     "recursion_meta_gradient",
+    "reptile_meta_gradient",
     "step_vjp",
     "task_ops",
     "unrolled_meta_gradient",
@@ -347,7 +359,12 @@ def task_ops(loss: TaskLoss, inner_loop: InnerLoop) -> Ops:
             grads = dict(
                 zip(
                     names,
-                    torch.autograd.grad(value, [weights[n] for n in names], create_graph=True),
+                    torch.autograd.grad(
+                        value,
+                        [weights[n] for n in names],
+                        create_graph=True,
+                        materialize_grads=True,  # zeros for parameters the loss does not use
+                    ),
                     strict=True,
                 )
             )
@@ -370,7 +387,9 @@ def task_ops(loss: TaskLoss, inner_loop: InnerLoop) -> Ops:
             for batch in inner_batches:
                 value = _checked_value(loss, weights, batch)
                 names = differentiated(weights)
-                grads = torch.autograd.grad(value, [weights[n] for n in names], create_graph=True)
+                grads = torch.autograd.grad(
+                    value, [weights[n] for n in names], create_graph=True, materialize_grads=True
+                )
                 weights, state = inner_loop.update(
                     weights, dict(zip(names, grads, strict=True)), state
                 )
@@ -598,3 +617,358 @@ def scanned_recursion(
         through_state = ops.init_vjp(params, cot_state)
         cot_params = {name: g + through_state[name] for name, g in cot_params.items()}
     return cot_params, value
+
+
+# ---------------------------------------------------------------- beyond the paper's three
+#
+# The estimators beyond the paper's three (FirstOrder, Reptile, HessianFree, Implicit)
+# reuse the Ops bundle. Where they need a per-task scalar (a norm, an inner product),
+# ``batched`` says whether the tensors carry a leading task dimension.
+
+
+def _task_dot(a: Params, b: Params, batched: bool) -> Tensor:
+    """``<a, b>`` over all parameters: a scalar, or one per task when ``batched``."""
+    if batched:
+        terms = [(a[n] * b[n]).reshape(a[n].shape[0], -1).sum(1) for n in a]
+    else:
+        terms = [(a[n] * b[n]).sum() for n in a]
+    return torch.stack(terms).sum(0)
+
+
+def _per_task(scalar: Tensor, like: Tensor, batched: bool) -> Tensor:
+    """A per-task scalar shaped to broadcast against ``like`` (task dimension first)."""
+    return scalar.reshape(-1, *([1] * (like.ndim - 1))) if batched else scalar
+
+
+def _final_iterate(ops: Ops, params: Params, inner_batches: Sequence[Batch]) -> Params:
+    """``w_N``, detached: one inner step per batch, no graph kept."""
+    w, state = params, ops.init(params)
+    for batch in inner_batches:
+        w, state = ops.step(w, state, batch)
+        w = {name: p.detach() for name, p in w.items()}
+        state = tree_map(torch.Tensor.detach, state)
+    return w
+
+
+def first_order_meta_gradient(
+    ops: Ops,
+    params: Params,
+    inner_batches: Sequence[Batch],
+    outer_batch: Batch,
+    counts: OracleCounts,
+    tasks: int = 1,
+) -> tuple[Params, Tensor]:
+    r"""First-order MAML: the outer gradient at the adapted weights, no Hessian term.
+
+    .. math:: G = \nabla l(w_N; \mathrm{outer})
+
+    Costs N + 1 gradients per task and no Hessian-vector product.
+
+    Args:
+        ops: :func:`task_ops` for one task, :func:`batched_ops` for a batch.
+        params: ``w`` (with a task dimension for batched ops).
+        inner_batches: one batch per inner step.
+        outer_batch: the batch of the outer loss.
+        counts: where to add the oracle calls made.
+        tasks: how many tasks one call of ``ops`` covers.
+
+    Returns:
+        ``(G, l(w_N; outer))``, detached.
+    """
+    last = _final_iterate(ops, params, inner_batches)
+    grads, value = ops.loss_grad(last, outer_batch)
+    counts.grad_evals += (len(inner_batches) + 1) * tasks
+    return {name: g.detach() for name, g in grads.items()}, value.detach()
+
+
+def reptile_meta_gradient(
+    ops: Ops,
+    loss: TaskLoss,
+    params: Params,
+    inner_batches: Sequence[Batch],
+    outer_batch: Batch,
+    scale: float,
+    counts: OracleCounts,
+    tasks: int = 1,
+    batched: bool = False,
+) -> tuple[Params, Tensor]:
+    r"""Reptile's direction, scaled: ``G = scale * (w - w_N)``.
+
+    .. math:: G = s\,(w - w_N)
+
+    With gradient descent and ``scale = 1 / (N alpha)`` this is the mean of the inner
+    gradients, ``(1/N) sum_j grad l(w_j; batch_j)``. The outer loss is evaluated at
+    ``w_N`` (a forward pass, not counted); costs N gradients per task.
+
+    Args:
+        ops: :func:`task_ops` for one task, :func:`batched_ops` for a batch.
+        loss: the task loss, to evaluate the outer loss.
+        params: ``w`` (with a task dimension when ``batched``).
+        inner_batches: one batch per inner step.
+        outer_batch: the batch of the outer loss (reported, not differentiated).
+        scale: ``s``.
+        counts: where to add the oracle calls made.
+        tasks: how many tasks one call of ``ops`` covers.
+        batched: whether ``ops`` and the tensors have a leading task dimension.
+
+    Returns:
+        ``(G, l(w_N; outer))``, detached.
+    """
+    last = _final_iterate(ops, params, inner_batches)
+    counts.grad_evals += len(inner_batches) * tasks
+    with torch.no_grad():
+        value = vmap(loss)(last, outer_batch) if batched else loss(last, outer_batch)
+    return {name: scale * (params[name] - last[name]) for name in params}, value.detach()
+
+
+def finite_difference_hvp(
+    grad_fn: Callable[[Params, Batch], tuple[Params, Tensor]],
+    params: Params,
+    batch: Batch,
+    vector: Params,
+    delta: float,
+    batched: bool = False,
+) -> Params:
+    r"""A Hessian-vector product from two gradients, by a central difference.
+
+    .. math::
+        \nabla^2 l(w)\, v \approx
+        \frac{\nabla l(w + h v) - \nabla l(w - h v)}{2 h}, \qquad h = \frac{\delta}{\|v\|}
+
+    The two points lie at distance ``delta`` from ``w`` whatever the size of ``v``, so
+    the relative error is ``O(delta^2)`` (exact for quadratic losses) and ``delta``
+    is in the units of the parameters. ``||v||`` is taken over all the parameters of a
+    task; ``v = 0`` gives 0.
+
+    Args:
+        grad_fn: ``(w, batch) -> (grad l(w; batch), l(w; batch))``, e.g. ``ops.loss_grad``.
+        params: ``w`` (with a task dimension when ``batched``).
+        batch: the batch of the Hessian.
+        vector: ``v``, by parameter name like ``params``.
+        delta: the distance of the two points from ``w``, > 0.
+        batched: whether the tensors have a leading task dimension.
+    """
+    norm = _task_dot(vector, vector, batched).sqrt()
+    h = delta / torch.where(norm > 0, norm, torch.ones_like(norm))
+    plus, minus = {}, {}
+    for name, p in params.items():
+        step = _per_task(h, p, batched) * vector[name]
+        plus[name], minus[name] = p + step, p - step
+    grads_plus, _ = grad_fn(plus, batch)
+    grads_minus, _ = grad_fn(minus, batch)
+    return {
+        name: (grads_plus[name] - grads_minus[name]).detach() / (2 * _per_task(h, p, batched))
+        for name, p in params.items()
+    }
+
+
+def hessian_free_meta_gradient(
+    ops: Ops,
+    params: Params,
+    inner_batches: Sequence[Batch],
+    hessian_batches: Sequence[Batch],
+    outer_batch: Batch,
+    lr: float,
+    delta: float,
+    counts: OracleCounts,
+    tasks: int = 1,
+    batched: bool = False,
+    adapted: Collection[str] | None = None,
+) -> tuple[Params, Tensor]:
+    r"""The gradient-descent recursion with finite-difference HVPs (HF-MAML, N steps).
+
+    .. math::
+        v \leftarrow \nabla l(w_N; \mathrm{outer}), \qquad
+        v \leftarrow v - \alpha\, \frac{\nabla l(w_j + h_j \tilde v; \mathrm{hess}_j)
+            - \nabla l(w_j - h_j \tilde v; \mathrm{hess}_j)}{2 h_j}
+        \quad (j = N-1, \dots, 0), \qquad G = v
+
+    with ``h_j = delta / ||v~||`` (:func:`finite_difference_hvp`), and ``v~ = v``, or, when
+    only the parameters ``adapted`` take inner steps, ``v`` with the others' entries
+    set to 0 (the transposed Jacobian of such a step is ``v - alpha H v~``). For
+    gradient descent only. Costs N + 1 gradients plus 2 N gradients for the
+    differences, per task, and no Hessian-vector product.
+
+    Args:
+        ops: :func:`task_ops` for one task, :func:`batched_ops` for a batch (their inner
+            loop: gradient descent with step size ``lr``).
+        params: ``w`` (with a task dimension when ``batched``).
+        inner_batches: one batch per inner step.
+        hessian_batches: one batch per inner step, for its Hessian.
+        outer_batch: the batch of the outer loss.
+        lr: the inner step size ``alpha``.
+        delta: the distance of the difference points from ``w_j``.
+        counts: where to add the oracle calls made.
+        tasks: how many tasks one call of ``ops`` covers.
+        batched: whether ``ops`` and the tensors have a leading task dimension.
+        adapted: the names the inner loop adapts (None: all).
+
+    Returns:
+        ``(G, l(w_N; outer))``, detached.
+    """
+    if len(hessian_batches) != len(inner_batches):
+        raise ValueError(
+            f"'hessian_batches' must hold one batch per inner step ({len(inner_batches)}) "
+            f"(got {len(hessian_batches)})"
+        )
+    iterates, state = [params], ops.init(params)
+    for batch in inner_batches:
+        new_params, state = ops.step(iterates[-1], state, batch)
+        iterates.append({name: p.detach() for name, p in new_params.items()})
+    v, value = ops.loss_grad(iterates[-1], outer_batch)
+    v = {name: g.detach() for name, g in v.items()}
+    for j in reversed(range(len(inner_batches))):
+        direction = {
+            name: g if adapted is None or name in adapted else torch.zeros_like(g)
+            for name, g in v.items()
+        }
+        product = finite_difference_hvp(
+            ops.loss_grad, iterates[j], hessian_batches[j], direction, delta, batched
+        )
+        v = {name: g - lr * product[name] for name, g in v.items()}
+    steps = len(inner_batches)
+    counts.grad_evals += (steps + 1 + 2 * steps) * tasks
+    return v, value.detach()
+
+
+def loss_hvp(loss: TaskLoss, params: Params, batch: Batch, vector: Params) -> Params:
+    """``H(w; batch) v``, the exact Hessian-vector product, reverse-over-reverse.
+
+    By ``torch.func`` alone, so it can be vmapped over a leading task dimension.
+    """
+
+    def projected(p: Params) -> Tensor:
+        grads, _ = loss_grad(loss, p, batch)
+        return _inner_product(grads, vector)
+
+    product: Params = grad(projected)(params)
+    return product
+
+
+def conjugate_gradient(
+    matvec: Callable[[Params], Params],
+    rhs: Params,
+    steps: int,
+    tol: float = 0.0,
+    batched: bool = False,
+) -> tuple[Params, int]:
+    r"""At most ``steps`` iterations of conjugate gradient for ``A x = b``, from ``x = 0``.
+
+    ``A`` (given by ``matvec``) must be symmetric positive definite. Each task stops
+    moving once its residual satisfies ``||b - A x|| <= tol * ||b||``; with
+    ``batched``, the loop runs until every task has (a task that has stopped keeps
+    its ``x``). A zero residual or curvature stops a task instead of dividing by 0.
+
+    Args:
+        matvec: ``x -> A x``.
+        rhs: ``b``.
+        steps: the largest number of iterations (one ``matvec`` each).
+        tol: the relative residual at which to stop, >= 0 (0: run all ``steps``).
+        batched: whether the tensors have a leading task dimension (one system per task).
+
+    Returns:
+        ``(x, iterations)``: the solution and the number of ``matvec`` calls made.
+    """
+    x = {name: torch.zeros_like(b) for name, b in rhs.items()}
+    r = dict(rhs)
+    p = dict(rhs)
+    rr = _task_dot(r, r, batched)
+    threshold = tol**2 * rr
+    iterations = 0
+    for _ in range(steps):
+        active = rr > threshold
+        if tol > 0 and not bool(active.any()):
+            break
+        ap = matvec(p)
+        iterations += 1
+        curvature = _task_dot(p, ap, batched)
+        moving = active & (curvature != 0)
+        step = torch.where(moving, rr / torch.where(moving, curvature, 1), 0)
+        x = {n: x[n] + _per_task(step, x[n], batched) * p[n] for n in x}
+        r = {n: r[n] - _per_task(step, r[n], batched) * ap[n] for n in r}
+        rr_new = _task_dot(r, r, batched)
+        moving = active & (rr != 0)
+        ratio = torch.where(moving, rr_new / torch.where(moving, rr, 1), 0)
+        p = {n: r[n] + _per_task(ratio, p[n], batched) * p[n] for n in p}
+        rr = torch.where(active, rr_new, rr)
+    return x, iterations
+
+
+def implicit_meta_gradient(
+    ops: Ops,
+    hvp: Callable[[Params, Batch, Params], Params],
+    params: Params,
+    inner_batches: Sequence[Batch],
+    hessian_batch: Batch,
+    outer_batch: Batch,
+    lam: float,
+    cg_steps: int,
+    tol: float,
+    counts: OracleCounts,
+    tasks: int = 1,
+    batched: bool = False,
+    adapted: Collection[str] | None = None,
+) -> tuple[Params, Tensor]:
+    r"""The implicit meta gradient of iMAML, by conjugate gradient.
+
+    The inner loop (of ``ops``) approximately solves
+    ``phi*(w) = argmin_phi l(phi; hess) + lam/2 ||phi - w||^2``; by the implicit
+    function theorem at its result ``phi_N``,
+
+    .. math::
+        G = \Big(I + \frac{1}{\lambda} \nabla^2 l(\phi_N; \mathrm{hess})\Big)^{-1}
+            \nabla l(\phi_N; \mathrm{outer})
+
+    solved by :func:`conjugate_gradient` with ``cg_steps`` iterations (one HVP each).
+    When only the parameters ``adapted`` (``a``) take inner steps, the others (``f``)
+    enter ``phi*`` as fixed inputs: ``G_a = x`` solves the system restricted to
+    ``a``, and ``G_f = grad_f l(phi_N; outer) - H_{fa} x / lam`` (one more HVP).
+    Costs N + 1 gradients and (CG iterations) HVPs per task.
+
+    Args:
+        ops: :func:`task_ops` for one task, :func:`batched_ops` for a batch, whose inner
+            loop is the proximal one (:class:`~torch_maml.Proximal`).
+        hvp: ``(phi, batch, v) -> H(phi; batch) v``, e.g. :func:`loss_hvp` (vmapped for
+            a batch).
+        params: ``w`` (with a task dimension when ``batched``).
+        inner_batches: one batch per inner step.
+        hessian_batch: the batch of the inner objective's Hessian (the support set).
+        outer_batch: the batch of the outer loss.
+        lam: the regularisation strength ``lambda`` of the inner problem.
+        cg_steps: the largest number of conjugate gradient iterations.
+        tol: conjugate gradient's relative residual at which to stop (0: never early).
+        counts: where to add the oracle calls made.
+        tasks: how many tasks one call of ``ops`` covers.
+        batched: whether ``ops`` and the tensors have a leading task dimension.
+        adapted: the names the inner loop adapts (None: all).
+
+    Returns:
+        ``(G, l(phi_N; outer))``, detached.
+    """
+    last = _final_iterate(ops, params, inner_batches)
+    outer_grad, value = ops.loss_grad(last, outer_batch)
+    outer_grad = {name: g.detach() for name, g in outer_grad.items()}
+    counts.grad_evals += (len(inner_batches) + 1) * tasks
+
+    def restricted(v: Params) -> Params:
+        if adapted is None:
+            return v
+        return {name: g if name in adapted else torch.zeros_like(g) for name, g in v.items()}
+
+    def matvec(v: Params) -> Params:
+        product = hvp(last, hessian_batch, v)
+        return restricted({name: g + product[name].detach() / lam for name, g in v.items()})
+
+    solution, iterations = conjugate_gradient(
+        matvec, restricted(outer_grad), cg_steps, tol, batched
+    )
+    counts.hvp_evals += iterations * tasks
+    if adapted is None:
+        return solution, value.detach()
+    product = hvp(last, hessian_batch, solution)
+    counts.hvp_evals += tasks
+    grads = {
+        name: solution[name] if name in adapted else g - product[name].detach() / lam
+        for name, g in outer_grad.items()
+    }
+    return grads, value.detach()

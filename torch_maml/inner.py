@@ -9,18 +9,40 @@ style of optax: :meth:`InnerLoop.init` makes its state from ``w_0 = w`` and
 The estimators differentiate through ``update`` (the exact one by autograd, the
 others by its vector-Jacobian product, step by step), so any inner loop written
 in differentiable torch operations works with all of them.
+
+Built in: :class:`GradientDescent` (the paper's inner loop), :class:`Momentum`
+(heavy ball, Polyak 1964, or Nesterov), :class:`Adam` (Kingma & Ba 2015), and
+:class:`~torch_maml.MetaSGD` (Li et al. 2017: learned per-parameter step sizes, with
+the model wrapped in :class:`~torch_maml.LearnedStepSizes`).
+
+Which components apply to which inner loop:
+
+* :class:`~torch_maml.Exact` (autograd through the unrolled loop),
+  :class:`~torch_maml.FiniteSum` and :class:`~torch_maml.Resampled` (the backward
+  recursion, which applies the transposed Jacobian of each step, optimiser state
+  included, on that step's Hessian batch) give the meta gradient of every inner loop
+  here, and of any differentiable one of your own; so does any estimator built on
+  ``update``'s vector-Jacobian product. For gradient descent the recursion is eq. 7 /
+  eq. 12; for the others it is their generalisation: the same product of step
+  Jacobians, with each Hessian taken on ``hess_j``.
+* :class:`~torch_maml.SmoothnessAdaptive` needs :class:`GradientDescent`: the
+  constants of eq. 13-14 and 21-22 are derived for it, and it refuses any other
+  inner loop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypedDict, runtime_checkable
 
-from ._validation import positive_float, positive_int
+import torch
+from torch import Tensor
+
+from ._validation import positive_float, positive_int, unit_interval
 from .theory import check_inner_lr
 from .typing import InnerState, Params
 
-__all__ = ["GradientDescent", "InnerLoop"]
+__all__ = ["Adam", "AdamState", "GradientDescent", "InnerLoop", "Momentum"]
 
 
 @runtime_checkable
@@ -85,6 +107,192 @@ class GradientDescent:
     def update(self, params: Params, grads: Params, state: InnerState) -> tuple[Params, InnerState]:
         """``w - lr * grad`` for every adapted parameter."""
         return {name: p - self.lr * grads[name] for name, p in params.items()}, state
+
+
+@dataclass(frozen=True)
+class Momentum:
+    r"""``steps`` steps of SGD with heavy-ball (Polyak) or Nesterov momentum.
+
+    With ``torch.optim.SGD``'s convention (no dampening), a buffer ``b`` per parameter:
+
+    .. math::
+        b_0 = 0, \qquad b_{j+1} = \mu b_j + g_j, \qquad
+        w_{j+1} = w_j - \alpha b_{j+1}, \qquad g_j = \nabla l_i(w_j; \mathrm{batch}_j)
+
+    or, with ``nesterov``, :math:`w_{j+1} = w_j - \alpha (g_j + \mu b_{j+1})`.
+    The buffer starts at zero, so the first step sets :math:`b_1 = g_0`, as
+    ``torch.optim.SGD`` does (it starts its buffer at the first gradient): the
+    iterates are those of ``torch.optim.SGD(momentum=mu, nesterov=...)``.
+    ``momentum=0`` is :class:`GradientDescent`. The state is the buffers, by
+    parameter name; the estimators differentiate through them.
+
+    Args:
+        steps: the number ``N`` of inner steps, >= 1.
+        lr: the inner step size ``alpha``, > 0.
+        momentum: the momentum factor ``mu``, in [0, 1). Default: 0.9.
+        nesterov: use Nesterov's momentum instead of the heavy ball. Default: False.
+
+    References:
+        B. T. Polyak. *Some methods of speeding up the convergence of iteration
+        methods.* USSR Computational Mathematics and Mathematical Physics, 1964.
+        I. Sutskever, J. Martens, G. Dahl, G. Hinton. *On the importance of
+        initialization and momentum in deep learning.* ICML 2013.
+
+    Example:
+        >>> import torch, torch_maml as tm
+        >>> inner = tm.Momentum(steps=5, lr=0.01, momentum=0.9)
+        >>> params = {"w": torch.tensor([1.0])}
+        >>> state = inner.init(params)
+        >>> params, state = inner.update(params, {"w": torch.tensor([2.0])}, state)
+        >>> params["w"], state["w"]
+        (tensor([0.9800]), tensor([2.]))
+    """
+
+    steps: int
+    lr: float
+    momentum: float = 0.9
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        positive_int("steps", self.steps)
+        object.__setattr__(self, "lr", positive_float("lr", self.lr))
+        object.__setattr__(self, "momentum", unit_interval("momentum", self.momentum))
+        if not isinstance(self.nesterov, bool):
+            raise TypeError(f"'nesterov' must be a bool (got {self.nesterov!r})")
+
+    def init(self, params: Params) -> InnerState:
+        """The momentum buffers ``b_0 = 0``, by parameter name."""
+        return {name: torch.zeros_like(p) for name, p in params.items()}
+
+    def update(self, params: Params, grads: Params, state: InnerState) -> tuple[Params, InnerState]:
+        """``b' = mu b + g``; ``w' = w - lr b'`` (or ``w - lr (g + mu b')``, Nesterov)."""
+        buffers = {name: self.momentum * state[name] + grads[name] for name in params}
+        if self.nesterov:
+            directions = {name: grads[name] + self.momentum * buffers[name] for name in params}
+        else:
+            directions = buffers
+        return {name: p - self.lr * directions[name] for name, p in params.items()}, buffers
+
+
+class AdamState(TypedDict):
+    """The state of :class:`Adam`: the moment estimates and the step count.
+
+    A dict (a ``TypedDict``), not a NamedTuple: torch.compile's ``scan``, which
+    ``compile=True`` runs the inner steps in, takes dicts of tensors but no NamedTuples.
+    """
+
+    m: Params
+    """The first-moment estimates ``m_j``, by parameter name."""
+    v: Params
+    """The second-moment estimates ``v_j``, by parameter name."""
+    t: Tensor
+    """The number ``j`` of steps taken, a floating point scalar."""
+
+
+def _sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` for ``x >= 0``, its derivative at 0 taken as 0 rather than infinite."""
+    positive = x > 0
+    root = torch.sqrt(torch.where(positive, x, torch.ones_like(x)))
+    return torch.where(positive, root, torch.zeros_like(x))
+
+
+@dataclass(frozen=True)
+class Adam:
+    r"""``steps`` steps of Adam (Kingma & Ba 2015), differentiable, with bias correction.
+
+    With ``betas = (beta_1, beta_2)`` and ``g_j = grad l_i(w_j; batch_j)``, elementwise:
+
+    .. math::
+        m_{j+1} = \beta_1 m_j + (1 - \beta_1) g_j, \qquad
+        v_{j+1} = \beta_2 v_j + (1 - \beta_2) g_j^2, \qquad m_0 = v_0 = 0
+
+    .. math::
+        w_{j+1} = w_j - \alpha \frac{\hat m_{j+1}}{\sqrt{\hat v_{j+1}} + \epsilon}, \qquad
+        \hat m_{j+1} = \frac{m_{j+1}}{1 - \beta_1^{j+1}}, \quad
+        \hat v_{j+1} = \frac{v_{j+1}}{1 - \beta_2^{j+1}}
+
+    the iterates of ``torch.optim.Adam`` (``eps`` outside the square root, as there).
+
+    **At v = 0.** The derivative of ``sqrt(v)`` is infinite at ``v = 0``, where a
+    parameter has had an exactly zero gradient at every step so far (a weight the
+    loss does not use, a ReLU unit that never fires): plain autograd then gives
+    ``inf * 0 = NaN`` meta gradients. Here the square root's derivative at ``v = 0``
+    is taken as 0. The iterates stay those of ``torch.optim.Adam``, and the meta
+    gradient is still the exact derivative of the step: where ``v = 0``, ``m = 0``
+    too (both are sums over the same past gradients, all zero), so near such a
+    point the step is :math:`w - \alpha \hat m / \epsilon` to first order, whatever
+    the square root's derivative is taken to be. (An ``eps`` inside the square root,
+    as TorchOpt's ``eps_root``, would also avoid the NaN, but changes the iterates.)
+    The factor :math:`1/\epsilon` is Adam's own sensitivity to a gradient near zero:
+    a larger ``eps`` makes the meta gradient smoother.
+
+    The state is an :class:`AdamState`, ``{"m": m, "v": v, "t": t}``; the estimators
+    differentiate through ``m`` and ``v``. The step count ``t`` only counts.
+
+    Args:
+        steps: the number ``N`` of inner steps, >= 1.
+        lr: the inner step size ``alpha``, > 0.
+        betas: the moment decay rates ``(beta_1, beta_2)``, each in [0, 1).
+            Default: (0.9, 0.999).
+        eps: ``epsilon``, added to the denominator, > 0. Default: 1e-8.
+
+    References:
+        D. P. Kingma, J. Ba. *Adam: A Method for Stochastic Optimization.* ICLR 2015.
+
+    Example:
+        >>> import torch, torch_maml as tm
+        >>> inner = tm.Adam(steps=5, lr=0.1)
+        >>> params = {"w": torch.tensor([1.0, 2.0])}
+        >>> state = inner.init(params)
+        >>> params, state = inner.update(params, {"w": torch.tensor([4.0, 0.0])}, state)
+        >>> params["w"]  # the first step moves by lr * sign(g), nearly
+        tensor([0.9000, 2.0000])
+    """
+
+    steps: int
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        positive_int("steps", self.steps)
+        object.__setattr__(self, "lr", positive_float("lr", self.lr))
+        betas = self.betas
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            shown = (
+                repr(betas)
+                if isinstance(betas, (tuple, list))
+                else f"an object of type {type(betas).__name__}"
+            )
+            raise TypeError(f"'betas' must be a pair of numbers in [0, 1) (got {shown})")
+        object.__setattr__(
+            self,
+            "betas",
+            (unit_interval("betas[0]", betas[0]), unit_interval("betas[1]", betas[1])),
+        )
+        object.__setattr__(self, "eps", positive_float("eps", self.eps))
+
+    def init(self, params: Params) -> InnerState:
+        """``m_0 = v_0 = 0`` and ``t = 0`` (in the parameters' dtype)."""
+        first = next(iter(params.values()), None)
+        t = torch.zeros(()) if first is None else first.new_zeros(())
+        m = {name: torch.zeros_like(p) for name, p in params.items()}
+        v = {name: torch.zeros_like(p) for name, p in params.items()}
+        return AdamState(m=m, v=v, t=t)
+
+    def update(self, params: Params, grads: Params, state: InnerState) -> tuple[Params, InnerState]:
+        """One Adam step, as in ``torch.optim.Adam``; see the class docstring."""
+        beta1, beta2 = self.betas
+        t = state["t"].detach() + 1  # a count: nothing to differentiate
+        correction1 = 1 - torch.pow(beta1, t)
+        correction2 = 1 - torch.pow(beta2, t)
+        m = {name: beta1 * state["m"][name] + (1 - beta1) * grads[name] for name in params}
+        v = {name: beta2 * state["v"][name] + (1 - beta2) * grads[name].square() for name in params}
+        new = {
+            name: p - self.lr * (m[name] / correction1) / (_sqrt(v[name] / correction2) + self.eps)
+            for name, p in params.items()
+        }
+        return new, AdamState(m=m, v=v, t=t)
 
 
 @dataclass(frozen=True)

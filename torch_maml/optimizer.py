@@ -9,18 +9,18 @@ where the estimator gives :math:`\hat G_i` and the step-size policy :math:`\beta
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Generic, Literal, NamedTuple, TypeAlias
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._model import ParamSelection, batch_statistics_only, select_parameters
 from ._validation import positive_int
 from .batching import ChunkSize, check_chunk_size
 from .errors import NonFiniteError
@@ -30,15 +30,13 @@ from .inner import InnerLoop, _Subset
 from .objective import MetaObjective
 from .step_size import Setting, SmoothnessAdaptive, StepContext, StepSize, StepSizePolicy
 from .tasks import Sampler, SupportQuery, Task, task_kind
+from .theory import SmoothnessEstimate, estimate_smoothness
 from .typing import BatchT, LossFn, ModelT, Params
 
 __all__ = ["MetaBackwardInfo", "MetaOptimizer", "MetaStepInfo", "NanPolicy", "ParamSelection"]
 
 NanPolicy: TypeAlias = Literal["raise", "skip"]
 """What a meta step that meets a NaN or Inf does: raise NonFiniteError, or skip itself."""
-
-ParamSelection: TypeAlias = Collection[str] | Callable[[str], bool]
-"""Which parameters the inner loop adapts: names or module prefixes, or a predicate on names."""
 
 
 class MetaStepInfo(NamedTuple):
@@ -203,7 +201,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             step_size.check(inner_loop, stacklevel=2)
         if nan_policy not in ("raise", "skip"):
             raise ValueError(f"'nan_policy' must be 'raise' or 'skip' (got {nan_policy!r})")
-        adapted_names = _select(model, [name for name, _ in named], adapted)
+        adapted_names = select_parameters(model, [name for name, _ in named], adapted)
         self._group = _process_group(distributed)
 
         # Plain tensors, not (name, tensor) pairs: named param groups need torch >= 2.5.
@@ -233,6 +231,8 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         """The number ``k`` of meta steps taken by :meth:`step` (skipped ones not counted)."""
         self.skipped_steps = 0
         """Steps and meta_backward calls skipped for a NaN or Inf (``nan_policy="skip"``)."""
+        self.loss_fn = loss_fn
+        self._step_size_state: dict[str, Any] = {}
         if self._group is not None:
             _broadcast_parameters([p for _, p in named], self._group)
 
@@ -268,19 +268,24 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         setting = self._setting(tasks, "tasks")
         if probe_tasks is not None and self._setting(probe_tasks, "probe_tasks") != setting:
             raise TypeError("'probe_tasks' must be of the same kind as 'tasks'")
-        with self._restoring_generator_on_error(), _batch_statistics_only(self.model):
+        with self._restoring_generator_on_error(), batch_statistics_only(self.model):
             params = self.objective.loss.params()
             result, finite = self._meta_gradient(params, tasks)
             probe_counts = OracleCounts()
             if not finite:
                 return self._skipped(result, probe_counts)
+            probes = probe_tasks if probe_tasks is not None else tasks
             context = StepContext(
                 lr=float(self.param_groups[0]["lr"]),
                 step=self.meta_steps,
                 inner_loop=self.inner_loop,
                 setting=setting,
                 probe_grad_norm=lambda size: self._probe_grad_norm(
-                    params, probe_tasks if probe_tasks is not None else tasks, size, probe_counts
+                    params, probes, size, probe_counts
+                ),
+                state=copy.deepcopy(self._step_size_state),
+                estimate_smoothness=lambda **options: self._estimate_smoothness(
+                    probes, probe_counts, options
                 ),
             )
             try:
@@ -293,11 +298,12 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
                 for name, p in self._named_params():
                     p.add_(result.grads[name], alpha=-size.beta)
         self.meta_steps += 1
+        self._step_size_state = context.state
         return MetaStepInfo(
             loss=result.loss,
             beta=size.beta,
             grad_evals=result.grad_evals + probe_counts.grad_evals,
-            hvp_evals=result.hvp_evals,
+            hvp_evals=result.hvp_evals + probe_counts.hvp_evals,
             lhat=size.lhat,
         )
 
@@ -307,7 +313,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             loss=result.loss,
             beta=0.0,
             grad_evals=result.grad_evals + probe_counts.grad_evals,
-            hvp_evals=result.hvp_evals,
+            hvp_evals=result.hvp_evals + probe_counts.hvp_evals,
             lhat=None,
             skipped=True,
         )
@@ -324,7 +330,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         """
         self._reject_closure(tasks)
         self._setting(tasks, "tasks")
-        with self._restoring_generator_on_error(), _batch_statistics_only(self.model):
+        with self._restoring_generator_on_error(), batch_statistics_only(self.model):
             result, finite = self._meta_gradient(self.objective.loss.params(), tasks)
         if not finite:
             self.skipped_steps += 1
@@ -383,7 +389,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             size = positive_int("inner_size", size)
             draw_from = self.generator if generator is None else generator
             batches = [task.sample(size, generator=draw_from) for _ in range(count)]
-        with _batch_statistics_only(self.model):
+        with batch_statistics_only(self.model):
             return self.objective.adapt(self.objective.loss.params(), batches)
 
     def state_dict(self) -> dict[str, Any]:
@@ -395,6 +401,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         state["meta"] = {
             "meta_steps": self.meta_steps,
             "skipped_steps": self.skipped_steps,
+            "step_size_state": copy.deepcopy(self._step_size_state),
             "generator": self.generator.get_state(),
             "config": self._config(),
         }
@@ -427,6 +434,16 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         self.generator.set_state(meta["generator"])
         self.meta_steps = int(meta["meta_steps"])
         self.skipped_steps = int(meta.get("skipped_steps", 0))
+        self._step_size_state = copy.deepcopy(dict(meta.get("step_size_state", {})))
+
+    @property
+    def step_size_state(self) -> dict[str, Any]:
+        """A copy of the step-size policy's state (empty if it keeps none).
+
+        A re-estimating :class:`~torch_maml.SmoothnessAdaptive` keeps its latest ``L``,
+        ``rho`` and ``b`` here; :meth:`state_dict` saves it.
+        """
+        return copy.deepcopy(self._step_size_state)
 
     # ------------------------------------------------------------------ internals
 
@@ -557,6 +574,24 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             "tasks' losses or gradients); no weights were changed"
         )
 
+    def _estimate_smoothness(
+        self, tasks: Sequence[Task[BatchT]], counts: OracleCounts, options: dict[str, Any]
+    ) -> SmoothnessEstimate:
+        """:func:`~torch_maml.theory.estimate_smoothness` at ``w_k``, over all processes."""
+        estimate = estimate_smoothness(
+            self.model,
+            self.loss_fn,
+            tasks,
+            adapted=self.adapted,
+            generator=self.generator,
+            **options,
+        )
+        if self._group is not None:
+            estimate = _all_reduce_estimate(estimate, len(tasks), self._group)
+        counts.grad_evals += estimate.grad_evals
+        counts.hvp_evals += estimate.hvp_evals
+        return estimate
+
     def _check_step_size(self, size: StepSize) -> bool:
         """Whether ``size`` is usable; False for a NaN or Inf under ``nan_policy="skip"``."""
         if not isinstance(size, StepSize):
@@ -596,64 +631,6 @@ class _RestoreGenerator:
             self._generator.set_state(self._state)
 
 
-@contextlib.contextmanager
-def _batch_statistics_only(model: nn.Module) -> Iterator[None]:
-    """BatchNorm layers in training mode normalise with batch statistics, updating none.
-
-    In a meta step, a layer would otherwise fold every task's and every inner step's
-    statistics into its running ones (and, vectorised over tasks, fail to); with
-    ``track_running_stats`` off for the duration, each batch is normalised by its
-    own statistics, exactly as in training mode, and the buffers stay as they are.
-    """
-    layers = [
-        m
-        for m in model.modules()
-        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
-    ]
-    for layer in layers:
-        layer.track_running_stats = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.track_running_stats = True
-
-
-def _select(
-    model: nn.Module, trainable: list[str], adapted: ParamSelection | None
-) -> tuple[str, ...]:
-    """The names of the trainable parameters that ``adapted`` selects (all if None)."""
-    if adapted is None:
-        return tuple(trainable)
-    if callable(adapted):
-        chosen = tuple(name for name in trainable if adapted(name))
-    else:
-        if isinstance(adapted, str) or not all(isinstance(e, str) for e in adapted):
-            raise TypeError(
-                "'adapted' must be a collection of parameter names or module prefixes, or a "
-                f"predicate on names (got {adapted!r})"
-            )
-        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-
-        def selects(entry: str, name: str) -> bool:
-            return name == entry or name.startswith(entry + ".")
-
-        for entry in adapted:
-            if not any(selects(entry, name) for name in trainable):
-                why = (
-                    "it is a parameter with requires_grad=False, which is never adapted"
-                    if any(selects(entry, name) for name in frozen)
-                    else f"the trainable parameters are {trainable}"
-                )
-                raise ValueError(f"'adapted' entry {entry!r} selects no trainable parameter: {why}")
-        chosen = tuple(name for name in trainable if any(selects(e, name) for e in adapted))
-    if not chosen:
-        raise ValueError(
-            f"'adapted' selects no trainable parameter (the trainable ones are {trainable})"
-        )
-    return chosen
-
-
 def _process_group(distributed: bool | dist.ProcessGroup) -> dist.ProcessGroup | None:
     """The process group to average over, checked; None when not distributed."""
     if distributed is False:
@@ -679,6 +656,28 @@ def _broadcast_parameters(params: list[nn.Parameter], group: dist.ProcessGroup) 
     with torch.no_grad():
         for p in params:
             dist.broadcast(p.data, src=source, group=group)
+
+
+def _all_reduce_estimate(
+    estimate: SmoothnessEstimate, count: int, group: dist.ProcessGroup
+) -> SmoothnessEstimate:
+    """Every process's estimate combined: maxima of L, rho, b_max; the mean of b; sums."""
+    largest = torch.tensor([estimate.L, estimate.rho, estimate.b_max or 0.0], dtype=torch.float64)
+    summed = torch.tensor(
+        [(estimate.b or 0.0) * count, count, estimate.grad_evals, estimate.hvp_evals],
+        dtype=torch.float64,
+    )
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(summed, group=group)
+    has_b = estimate.b is not None
+    return estimate._replace(
+        L=float(largest[0]),
+        rho=float(largest[1]),
+        b=float(summed[0] / summed[1]) if has_b else None,
+        b_max=float(largest[2]) if has_b else None,
+        grad_evals=int(summed[2]),
+        hvp_evals=int(summed[3]),
+    )
 
 
 def _all_reduce_mean(result: MetaGradient, count: int, group: dist.ProcessGroup) -> MetaGradient:

@@ -8,13 +8,24 @@ and returns a :class:`StepSize`. The context's ``lr`` is the optimizer's
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
+from torch import nn
+
+from ._model import ParamSelection
 from ._validation import nonnegative_float, optional_positive_int, positive_float
 from .inner import GradientDescent, InnerLoop
-from .theory import check_inner_lr, smoothness_finite_sum, smoothness_resampling
+from .tasks import Task
+from .theory import (
+    SmoothnessEstimate,
+    check_inner_lr,
+    estimate_smoothness,
+    smoothness_finite_sum,
+    smoothness_resampling,
+)
+from .typing import LossFn
 
 __all__ = [
     "Constant",
@@ -49,6 +60,11 @@ class StepContext:
         probe_grad_norm: computes the mean gradient norm over the probe batch at
             ``w_k`` for a sample size (``None``: the default size); called at most
             once per size, only if the policy asks.
+        state: the policy's own state, kept by the optimizer between steps and saved
+            in its ``state_dict`` (a policy may change it; the optimizer keeps the
+            changes only if the step succeeds).
+        estimate_smoothness: runs :func:`torch_maml.theory.estimate_smoothness` at
+            ``w_k`` on the probe tasks, with the given keyword arguments.
     """
 
     def __init__(
@@ -59,13 +75,32 @@ class StepContext:
         inner_loop: InnerLoop,
         setting: Setting,
         probe_grad_norm: Callable[[int | None], float],
+        state: dict[str, Any] | None = None,
+        estimate_smoothness: Callable[..., SmoothnessEstimate] | None = None,
     ) -> None:
         self.lr = lr
         self.step = step
         self.inner_loop = inner_loop
         self.setting: Setting = setting
+        self.state: dict[str, Any] = {} if state is None else state
         self._probe_grad_norm = probe_grad_norm
+        self._estimate_smoothness = estimate_smoothness
         self._cache: dict[int | None, float] = {}
+
+    def estimate_smoothness(self, **options: Any) -> SmoothnessEstimate:
+        """:func:`~torch_maml.theory.estimate_smoothness` at ``w_k`` on the probe tasks.
+
+        Args:
+            options: its keyword arguments (``sample_size``, ``iterations``, ``tol``,
+                ``restarts``, ``radius``); the parameters, the generator and the
+                tasks are the optimizer's.
+
+        Raises:
+            RuntimeError: the context was built without a way to estimate.
+        """
+        if self._estimate_smoothness is None:
+            raise RuntimeError("this StepContext was built without 'estimate_smoothness'")
+        return self._estimate_smoothness(**options)
 
     def mean_probe_grad_norm(self, size: int | None = None) -> float:
         r"""``mean_{i in B'_k} ||grad l_i(w_k; probe_i)||`` at the current meta parameters.
@@ -115,6 +150,9 @@ class Constant:
         return StepSize(beta=context.lr)
 
 
+_ESTIMATE_OPTIONS = ("sample_size", "iterations", "tol", "restarts", "radius")
+
+
 def _needs_gradient_descent(inner_loop: object) -> str:
     return (
         "SmoothnessAdaptive needs a GradientDescent inner loop (eq. 14 and 22 are derived "
@@ -145,6 +183,14 @@ class SmoothnessAdaptive:
         probe_size: samples per probe batch for sampler tasks (default: the
             estimator's ``outer_size``).
         lr: initial multiplier of ``beta_k``, > 0.
+        every: re-estimate ``L``, ``rho`` and ``b`` at ``w_k`` on the probe tasks
+            every ``every`` meta steps (at steps ``every, 2 every, ...``) with
+            :func:`~torch_maml.theory.estimate_smoothness`; ``None`` (default): keep
+            the given constants. The latest estimates are kept in the optimizer's
+            :attr:`~torch_maml.MetaOptimizer.step_size_state` (and its ``state_dict``).
+        estimate_options: keyword arguments of ``estimate_smoothness`` for the
+            re-estimates (``sample_size``, ``iterations``, ``tol``, ``restarts``,
+            ``radius``).
 
     Example:
         >>> import torch_maml as tm
@@ -158,6 +204,8 @@ class SmoothnessAdaptive:
     constants: Literal["theorem", "derived"] = "theorem"
     probe_size: int | None = None
     lr: float = 1.0
+    every: int | None = None
+    estimate_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "L", positive_float("L", self.L))
@@ -166,8 +214,94 @@ class SmoothnessAdaptive:
         object.__setattr__(self, "b", nonnegative_float("b", self.b))
         object.__setattr__(self, "lr", positive_float("lr", self.lr))
         optional_positive_int("probe_size", self.probe_size)
+        optional_positive_int("every", self.every)
         if self.constants not in ("theorem", "derived"):
             raise ValueError(f"'constants' must be 'theorem' or 'derived' (got {self.constants!r})")
+        unknown = sorted(set(self.estimate_options) - set(_ESTIMATE_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"'estimate_options' has unknown keys {unknown} (known: {list(_ESTIMATE_OPTIONS)})"
+            )
+
+    @classmethod
+    def from_data(
+        cls,
+        model: nn.Module,
+        loss_fn: LossFn[Any, Any],
+        tasks: Sequence[Task[Any]],
+        *,
+        c_beta: float,
+        every: int | None = None,
+        adapted: ParamSelection | None = None,
+        sample_size: int | None = None,
+        iterations: int = 200,
+        tol: float = 1e-9,
+        restarts: int = 3,
+        radius: float | None = None,
+        constants: Literal["theorem", "derived"] = "theorem",
+        probe_size: int | None = None,
+        lr: float = 1.0,
+    ) -> SmoothnessAdaptive:
+        r"""The policy with ``L``, ``rho`` and ``b`` estimated from the model and data.
+
+        Runs :func:`~torch_maml.theory.estimate_smoothness` once, at the model's
+        current weights, on ``tasks`` (``b`` is 0 for sampler tasks, which eq. 14
+        does not use); with ``every``, the optimizer re-estimates them every
+        ``every`` meta steps, with the same options, on each step's probe tasks.
+
+        Args:
+            model: the module, at its initial weights.
+            loss_fn: the loss closure the MetaOptimizer will use.
+            tasks: tasks to measure on (a meta-batch or more).
+            c_beta: ``C_beta`` (Corollary 6: 100; Corollary 10: 80).
+            every: re-estimate every ``every`` meta steps (default: never).
+            adapted: the parameters the inner loop adapts, as for the MetaOptimizer.
+            sample_size: samples per batch of sampler tasks.
+            iterations: the most power iterations per batch.
+            tol: the power iterations' relative tolerance.
+            restarts: random starting directions per batch for rho.
+            radius: the distance of the Hessian differences for rho.
+            constants: as for :class:`SmoothnessAdaptive`.
+            probe_size: as for :class:`SmoothnessAdaptive`.
+            lr: as for :class:`SmoothnessAdaptive`.
+
+        Example:
+            >>> import torch, torch.nn.functional as F, torch_maml as tm
+            >>> model = torch.nn.Sequential(
+            ...     torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+            ... )
+            >>> x = torch.linspace(-1, 1, 10).unsqueeze(1)
+            >>> task = tm.SupportQuery((x, torch.sin(x)), (x, torch.cos(x)))
+            >>> policy = tm.SmoothnessAdaptive.from_data(
+            ...     model, lambda m, b: F.mse_loss(m(b[0]), b[1]), [task], c_beta=80
+            ... )
+            >>> policy.L > 0
+            True
+        """
+        options: dict[str, Any] = {
+            "sample_size": sample_size,
+            "iterations": iterations,
+            "tol": tol,
+            "restarts": restarts,
+            "radius": radius,
+        }
+        estimate = estimate_smoothness(model, loss_fn, tasks, adapted=adapted, **options)
+        if estimate.L == 0.0:
+            raise ValueError(
+                "SmoothnessAdaptive.from_data: the estimated L is 0 (the loss has no "
+                "curvature at these weights), so eq. 14/22 gives no step size; pass L yourself"
+            )
+        return cls(
+            L=estimate.L,
+            rho=estimate.rho,
+            c_beta=c_beta,
+            b=estimate.b or 0.0,
+            constants=constants,
+            probe_size=probe_size,
+            lr=lr,
+            every=every,
+            estimate_options={k: v for k, v in options.items() if v is not None},
+        )
 
     def check(self, inner_loop: InnerLoop, *, stacklevel: int = 1) -> None:
         """Check that ``inner_loop`` is gradient descent; warn if its lr breaks the bound.
@@ -185,6 +319,12 @@ class SmoothnessAdaptive:
         inner = context.inner_loop
         if not isinstance(inner, GradientDescent):
             raise TypeError(_needs_gradient_descent(inner))
+        if self.every is not None and context.step > 0 and context.step % self.every == 0:
+            estimate = context.estimate_smoothness(**self.estimate_options)
+            context.state.update(L=estimate.L, rho=estimate.rho, b=estimate.b or 0.0)
+        L = float(context.state.get("L", self.L))  # noqa: N806 (the paper's symbol)
+        rho = float(context.state.get("rho", self.rho))
+        b = float(context.state.get("b", self.b))
         if context.setting == "resampling":
             if self.b != 0.0:
                 raise ValueError(
@@ -193,18 +333,18 @@ class SmoothnessAdaptive:
                 )
             lhat = smoothness_resampling(
                 alpha=inner.lr,
-                L=self.L,
-                rho=self.rho,
+                L=L,
+                rho=rho,
                 steps=inner.steps,
                 grad_norm=context.mean_probe_grad_norm(self.probe_size),
             )
         else:
             lhat = smoothness_finite_sum(
                 alpha=inner.lr,
-                L=self.L,
-                rho=self.rho,
+                L=L,
+                rho=rho,
                 steps=inner.steps,
-                b=self.b,
+                b=b,
                 grad_norm=context.mean_probe_grad_norm(None),
                 constants=self.constants,
             )

@@ -13,16 +13,27 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
-from typing import Literal, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple
 
-from ._validation import nonnegative_float, positive_float, positive_int
-from .errors import InnerStepSizeWarning
+import torch
+from torch import Tensor, nn
+from torch.func import grad, vjp
+
+from ._model import ParamSelection, batch_statistics_only, select_parameters
+from ._validation import nonnegative_float, optional_positive_int, positive_float, positive_int
+from .errors import InnerStepSizeWarning, NonFiniteError
+from .tasks import SupportQuery, Task, task_kind
+from .typing import LossFn, Params
 
 __all__ = [
     "FiniteSumConstants",
+    "SmoothnessEstimate",
     "check_inner_lr",
+    "estimate_smoothness",
     "finite_sum_constants",
     "inner_lr_bound",
     "recommended_inner_lr",
@@ -185,3 +196,264 @@ def smoothness_finite_sum(
     grad_norm = nonnegative_float("grad_norm", grad_norm)
     pair = finite_sum_constants(alpha=alpha, L=L, rho=rho, steps=steps, constants=constants)
     return (1.0 + alpha * L) ** (2 * steps) * L + pair.c_b * b + pair.c_l * grad_norm
+
+
+# ---------------------------------------------------------------- estimating L, rho and b
+
+
+class SmoothnessEstimate(NamedTuple):
+    """The constants of the paper, measured at the current weights by :func:`estimate_smoothness`.
+
+    ``L`` and ``rho`` are maxima over every batch measured (both sets of each
+    support/query task); ``b`` is a mean over tasks, as eq. 22 takes it.
+    """
+
+    L: float
+    """Largest absolute Hessian eigenvalue over the batches (power iteration)."""
+    rho: float
+    """Largest Hessian change per unit of distance found: a lower bound on rho."""
+    b: float | None
+    """Mean over tasks of ``||grad l_S(w) - grad l_T(w)||`` (None for sampler tasks)."""
+    b_max: float | None
+    """Largest of those gaps over the tasks (None for sampler tasks)."""
+    L_iterations: int
+    """Power iterations used by the batch that needed most."""
+    L_converged: bool
+    """Whether every batch's power iteration met ``tol``."""
+    rho_iterations: int
+    """Power iterations used by the (batch, restart) that needed most."""
+    rho_converged: bool
+    """Whether every batch's and restart's iteration for rho met ``tol``."""
+    grad_evals: int
+    """Gradient evaluations made (for ``b``)."""
+    hvp_evals: int
+    """Hessian-vector products made (for ``L`` and ``rho``)."""
+
+
+class _Power(NamedTuple):
+    value: float
+    iterations: int
+    converged: bool
+
+
+def estimate_smoothness(
+    model: nn.Module,
+    loss_fn: LossFn[Any, Any],
+    tasks: Sequence[Task[Any]],
+    *,
+    adapted: ParamSelection | None = None,
+    sample_size: int | None = None,
+    iterations: int = 200,
+    tol: float = 1e-9,
+    restarts: int = 3,
+    radius: float | None = None,
+    generator: torch.Generator | None = None,
+) -> SmoothnessEstimate:
+    r"""Estimate ``L``, ``rho`` and ``b`` of a model and loss at its current weights.
+
+    Never forms a Hessian: everything is Hessian-vector products (reverse over
+    reverse, :func:`torch.func.vjp` of :func:`torch.func.grad`) on each batch:
+    the support and the query set of every :class:`~torch_maml.SupportQuery` task,
+    one draw of ``sample_size`` samples of every sampler task.
+
+    * ``L``: the largest :math:`|\lambda|` of the Hessian, by power iteration
+      :math:`v \leftarrow Hv / \|Hv\|`, reading :math:`\|Hv\|`, which increases to
+      :math:`\max|\lambda|` (its error shrinks like :math:`(\lambda_2/\lambda_1)^{2k}`).
+    * ``rho``: along a unit direction :math:`v`, with :math:`h` = ``radius``,
+
+      .. math:: d(v) = \frac{\nabla^2 l(w + hv)\,v - \nabla^2 l(w - hv)\,v}{2h},
+          \qquad \|d(v)\| \le \frac{\|\nabla^2 l(w+hv) - \nabla^2 l(w-hv)\|}{2h} \le \rho
+
+      so every :math:`\|d(v)\|` is a lower bound on rho, whatever ``h``. The
+      direction is improved by the power iteration :math:`v \leftarrow d(v)/\|d(v)\|`
+      from ``restarts`` random starts, and the largest value seen is kept. It finds
+      the local rho exactly on losses whose third derivative is constant (cubics);
+      elsewhere it is an estimate from below.
+    * ``b`` (support/query tasks): :math:`\|\nabla l_{S_i}(w) - \nabla l_{T_i}(w)\|`,
+      exactly, averaged (``b``) and maximised (``b_max``) over the tasks (Assumption 5).
+
+    The paper's constants are suprema over all weights; these are measured at the
+    model's current weights (re-estimate as training moves them, see
+    :meth:`~torch_maml.SmoothnessAdaptive.from_data`). BatchNorm layers in training
+    mode use batch statistics and keep their running ones unchanged, as in a meta step.
+
+    Args:
+        model: the module, at the weights to measure.
+        loss_fn: ``loss_fn(model, batch) -> scalar Tensor``, as for the MetaOptimizer.
+        tasks: a non-empty sequence of SupportQuery tasks or samplers.
+        adapted: the parameters with respect to which to differentiate (names,
+            module prefixes or a predicate, as ``MetaOptimizer(adapted=...)``;
+            default: all trainable parameters).
+        sample_size: samples per batch of sampler tasks (required for them).
+        iterations: the most power iterations per batch (and per restart for rho).
+        tol: convergence: the estimate changes by at most ``tol`` relative between
+            two iterations.
+        restarts: random starting directions per batch for rho.
+        radius: the distance ``h`` of the difference for rho. Default:
+            :math:`\epsilon^{1/3}\max(1, \|w\|)`, :math:`\epsilon` the dtype's
+            machine epsilon (the step that balances rounding and truncation).
+        generator: where the random directions come from (default: a generator
+            seeded with 0, so that estimates are reproducible).
+
+    Returns:
+        :class:`SmoothnessEstimate`.
+
+    Raises:
+        NonFiniteError: a loss, gradient or Hessian-vector product is NaN or Inf.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, torch_maml as tm
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+        >>> est = tm.theory.estimate_smoothness(
+        ...     model, lambda m, b: F.mse_loss(m(b[0]), b[1]), [tm.SupportQuery((x, y), (x, y))]
+        ... )
+        >>> round(est.rho, 6), est.b
+        (0.0, 0.0)
+    """
+    # functional imports inner, which imports this module: imported here, not above.
+    from .functional import TaskLoss, loss_grad
+
+    kind = task_kind(tasks)
+    iterations = positive_int("iterations", iterations)
+    tol = positive_float("tol", tol)
+    restarts = positive_int("restarts", restarts)
+    if radius is not None:
+        radius = positive_float("radius", radius)
+    sample_size = optional_positive_int("sample_size", sample_size)
+    if kind == "sampler" and sample_size is None:
+        raise ValueError("estimate_smoothness needs a 'sample_size' for sampler tasks (got None)")
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("'model' has no trainable parameters (none with requires_grad=True)")
+    names = select_parameters(model, trainable, adapted)
+    loss = TaskLoss(model, loss_fn, trainable)
+    counts = [0, 0]  # gradient evaluations, Hessian-vector products
+
+    with batch_statistics_only(model):
+        w = loss.params()
+        fixed = {name: p for name, p in w.items() if name not in names}
+        start = {name: w[name] for name in names}
+        if radius is None:
+            eps = torch.finfo(next(iter(start.values())).dtype).eps
+            radius = eps ** (1 / 3) * max(1.0, _norm(start))
+
+        batches: list[tuple[str, Any]] = []
+        b_values: list[float] = []
+        for index, task in enumerate(tasks):
+            if isinstance(task, SupportQuery):
+                batches += [(f"the support set of task {index}", task.support)]
+                batches += [(f"the query set of task {index}", task.query)]
+                support, _ = loss_grad(loss, w, task.support)
+                query, _ = loss_grad(loss, w, task.query)
+                counts[0] += 2
+                gap = _norm({n: support[n] - query[n] for n in names})
+                _check_finite(gap, f"the support/query gradient gap of task {index}")
+                b_values.append(gap)
+            else:
+                assert sample_size is not None
+                batches.append((f"a sample of task {index}", task.sample(sample_size, generator)))
+
+        L_runs: list[_Power] = []
+        rho_runs: list[_Power] = []
+        for where, batch in batches:
+            hessian = _BatchHessian(loss, fixed, batch, where)
+            L_run = _power(functools.partial(hessian, start), start, iterations, tol, generator)
+            L_runs.append(L_run)
+            # Rounding alone makes ||d(v)|| about eps * L / h: below a hundred times that,
+            # the Hessian does not change measurably (a quadratic) and iterating is moot.
+            floor = 100 * torch.finfo(next(iter(start.values())).dtype).eps * L_run.value / radius
+            rho_runs += [
+                _power(hessian.change(start, radius), start, iterations, tol, generator, floor)
+                for _ in range(restarts)
+            ]
+            counts[1] += hessian.products
+
+    return SmoothnessEstimate(
+        L=max(run.value for run in L_runs),
+        rho=max(run.value for run in rho_runs),
+        b=sum(b_values) / len(b_values) if b_values else None,
+        b_max=max(b_values) if b_values else None,
+        L_iterations=max(run.iterations for run in L_runs),
+        L_converged=all(run.converged for run in L_runs),
+        rho_iterations=max(run.iterations for run in rho_runs),
+        rho_converged=all(run.converged for run in rho_runs),
+        grad_evals=counts[0],
+        hvp_evals=counts[1],
+    )
+
+
+class _BatchHessian:
+    """Hessian-vector products of the loss of one batch, counted and checked finite."""
+
+    def __init__(
+        self, loss: Callable[[Params, Any], Tensor], fixed: Params, batch: Any, where: str
+    ):
+        self.loss, self.fixed, self.batch, self.where = loss, fixed, batch, where
+        self.products = 0
+
+    def _gradient(self, adapted: Params) -> Params:
+        grads: Params = grad(lambda p: self.loss({**self.fixed, **p}, self.batch))(adapted)
+        return grads
+
+    def __call__(self, at: Params, v: Params) -> Params:
+        """``H(at) v``, reverse over reverse."""
+        out: Params = vjp(self._gradient, at)[1](v)[0]
+        self.products += 1
+        _check_finite(_norm(out), f"a Hessian-vector product on {self.where}")
+        return out
+
+    def change(self, at: Params, h: float) -> Callable[[Params], Params]:
+        """``v -> (H(at + h v) v - H(at - h v) v) / (2 h)``."""
+
+        def difference(v: Params) -> Params:
+            plus = self({n: at[n] + h * v[n] for n in at}, v)
+            minus = self({n: at[n] - h * v[n] for n in at}, v)
+            return {n: (plus[n] - minus[n]) / (2 * h) for n in at}
+
+        return difference
+
+
+def _norm(tree: Params) -> float:
+    return math.sqrt(sum(float((t.double() ** 2).sum()) for t in tree.values()))
+
+
+def _check_finite(value: float, where: str) -> None:
+    if not math.isfinite(value):
+        raise NonFiniteError(f"estimate_smoothness: {where} is not finite ({value}) at the weights")
+
+
+def _power(
+    operator: Callable[[Params], Params],
+    like: Params,
+    iterations: int,
+    tol: float,
+    generator: torch.Generator,
+    floor: float = 0.0,
+) -> _Power:
+    """Power iteration ``v <- A(v) / ||A(v)||`` from a random unit ``v``: the largest ``||A(v)||``.
+
+    Converged when the largest ``||A(v)||`` seen grew by at most ``tol`` relative over
+    the last two iterations (two, so that an iteration cycling between two directions
+    stops), or when ``||A(v)||`` is at most ``floor``.
+    """
+    v = {
+        n: torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t)
+        for n, t in like.items()
+    }
+    scale = _norm(v)
+    v = {n: t / scale for n, t in v.items()}
+    bests = [0.0]
+    for iteration in range(1, iterations + 1):
+        out = operator(v)
+        value = _norm(out)
+        bests.append(max(bests[-1], value))
+        if value <= floor:  # A(v) = 0 up to rounding: nothing left to iterate on
+            return _Power(bests[-1], iteration, True)
+        if iteration >= 3 and bests[-1] - bests[-3] <= tol * bests[-1]:
+            return _Power(bests[-1], iteration, True)
+        v = {n: t / value for n, t in out.items()}
+    return _Power(bests[-1], iterations, False)
