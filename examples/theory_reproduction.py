@@ -19,7 +19,7 @@ It writes three plots (``theory_alpha_sweep.png``, ``theory_cost_vs_steps.png``,
 ``theory_step_sizes.png``) to ``--out`` and a Markdown report with every table to
 ``--report``, and prints the tables. Run it with::
 
-    python examples/theory_reproduction.py            # about 11 minutes on a 2-core CPU
+    python examples/theory_reproduction.py            # about 10 minutes on a 2-core CPU
     python examples/theory_reproduction.py --quick    # seconds (used by the test suite)
 
 The committed report, ``docs/theory-reproduction.md``, and the plots in

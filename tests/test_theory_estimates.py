@@ -326,3 +326,26 @@ def test_reestimated_constants_are_saved_and_resume_exactly() -> None:
     for _ in range(2):
         resumed.step(tasks)
     assert torch.equal(resumed.model.w, straight.model.w)
+
+
+def test_vectorised_and_one_by_one_estimates_agree() -> None:
+    """Batches that stack run together under vmap; others one by one: the same numbers."""
+    tasks = regression_tasks(3, torch.Generator().manual_seed(10))
+    model = make_mlp(11)
+
+    def tagged_loss(model: nn.Module, batch: tuple[Tensor, Tensor, str]) -> Tensor:
+        return mse_loss(model, (batch[0], batch[1]))
+
+    # A string leaf keeps a batch from stacking: every batch then runs on its own.
+    alone = [
+        tm.SupportQuery((*t.support, f"s{i}"), (*t.query, f"q{i}")) for i, t in enumerate(tasks)
+    ]
+    together = tasks  # supports stack with supports, queries with queries
+    vectorised = tm.theory.estimate_smoothness(model, mse_loss, together, iterations=60)
+    one_by_one = tm.theory.estimate_smoothness(model, tagged_loss, alone, iterations=60)
+    assert abs(vectorised.L - one_by_one.L) <= 1e-10 * one_by_one.L
+    assert abs(vectorised.rho - one_by_one.rho) <= 1e-6 * one_by_one.rho
+    assert vectorised.b == one_by_one.b
+    assert vectorised.L_iterations == one_by_one.L_iterations
+    # One by one, each batch stops where it converges; together, all run to the last.
+    assert vectorised.hvp_evals >= one_by_one.hvp_evals

@@ -21,12 +21,15 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vjp
+from torch.func import grad, vjp, vmap
+
+# torch.func's own pytree utilities (see functional.py).
+from torch.utils._pytree import tree_flatten
 
 from ._model import ParamSelection, batch_statistics_only, select_parameters
 from ._validation import nonnegative_float, optional_positive_int, positive_float, positive_int
 from .errors import InnerStepSizeWarning, NonFiniteError
-from .tasks import SupportQuery, Task, task_kind
+from .tasks import SupportQuery, Task, stack_batches, task_kind
 from .typing import LossFn, Params
 
 __all__ = [
@@ -272,6 +275,11 @@ def estimate_smoothness(
     * ``b`` (support/query tasks): :math:`\|\nabla l_{S_i}(w) - \nabla l_{T_i}(w)\|`,
       exactly, averaged (``b``) and maximised (``b_max``) over the tasks (Assumption 5).
 
+    Batches whose tensors have equal shapes (the support sets of same-shaped tasks,
+    their query sets) are measured together, vectorised with :func:`torch.func.vmap`;
+    the others one by one. ``hvp_evals`` counts every batch's products, including
+    those of batches that converged before the last of their group.
+
     The paper's constants are suprema over all weights; these are measured at the
     model's current weights (re-estimate as training moves them, see
     :meth:`~torch_maml.SmoothnessAdaptive.from_data`). BatchNorm layers in training
@@ -357,19 +365,32 @@ def estimate_smoothness(
                 assert sample_size is not None
                 batches.append((f"a sample of task {index}", task.sample(sample_size, generator)))
 
+        # Random starts drawn batch by batch, in one order whatever the grouping below.
+        L_starts = [_random_unit(start, generator) for _ in batches]
+        rho_starts = [[_random_unit(start, generator) for _ in range(restarts)] for _ in batches]
+        eps = torch.finfo(next(iter(start.values())).dtype).eps
         L_runs: list[_Power] = []
         rho_runs: list[_Power] = []
-        for where, batch in batches:
-            hessian = _BatchHessian(loss, fixed, batch, where)
-            L_run = _power(functools.partial(hessian, start), start, iterations, tol, generator)
-            L_runs.append(L_run)
+        for group in _stackable_groups([batch for _, batch in batches]):
+            hessian = _Hessians(loss, fixed, [batches[i] for i in group])
+            group_L = _power(
+                functools.partial(hessian, start),
+                _stack([L_starts[i] for i in group]),
+                iterations,
+                tol,
+            )
+            L_runs += group_L
             # Rounding alone makes ||d(v)|| about eps * L / h: below a hundred times that,
             # the Hessian does not change measurably (a quadratic) and iterating is moot.
-            floor = 100 * torch.finfo(next(iter(start.values())).dtype).eps * L_run.value / radius
-            rho_runs += [
-                _power(hessian.change(start, radius), start, iterations, tol, generator, floor)
-                for _ in range(restarts)
-            ]
+            floors = [100 * eps * run.value / radius for run in group_L]
+            for restart in range(restarts):
+                rho_runs += _power(
+                    hessian.change(start, radius),
+                    _stack([rho_starts[i][restart] for i in group]),
+                    iterations,
+                    tol,
+                    floors,
+                )
             counts[1] += hessian.products
 
     return SmoothnessEstimate(
@@ -386,35 +407,89 @@ def estimate_smoothness(
     )
 
 
-class _BatchHessian:
-    """Hessian-vector products of the loss of one batch, counted and checked finite."""
+def _stackable_groups(batches: Sequence[Any]) -> list[list[int]]:
+    """Indices of the batches, grouped so that each group's batches stack (or alone)."""
+    groups: dict[Any, list[int]] = {}
+    for index, batch in enumerate(batches):
+        leaves, spec = tree_flatten(batch)
+        if all(isinstance(leaf, Tensor) for leaf in leaves):
+            key: Any = (str(spec), tuple((x.shape, x.dtype, x.device) for x in leaves))
+        else:
+            key = index  # a non-tensor leaf: not vectorised
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
+
+
+class _Hessians:
+    """Hessian-vector products on a group of batches, vectorised over them, counted.
+
+    Vectors carry a leading dimension, one row per batch; the points may too.
+    """
 
     def __init__(
-        self, loss: Callable[[Params, Any], Tensor], fixed: Params, batch: Any, where: str
+        self, loss: Callable[[Params, Any], Tensor], fixed: Params, batches: list[tuple[str, Any]]
     ):
-        self.loss, self.fixed, self.batch, self.where = loss, fixed, batch, where
+        self.loss, self.fixed = loss, fixed
+        self.where = [where for where, _ in batches]
+        self.batches = [batch for _, batch in batches]
+        self.stacked = stack_batches(self.batches) if len(batches) > 1 else None
         self.products = 0
 
-    def _gradient(self, adapted: Params) -> Params:
-        grads: Params = grad(lambda p: self.loss({**self.fixed, **p}, self.batch))(adapted)
-        return grads
+    def _hvp(self, at: Params, batch: Any, v: Params) -> Params:
+        def gradient(adapted: Params) -> Params:
+            grads: Params = grad(lambda p: self.loss({**self.fixed, **p}, batch))(adapted)
+            return grads
 
-    def __call__(self, at: Params, v: Params) -> Params:
-        """``H(at) v``, reverse over reverse."""
-        out: Params = vjp(self._gradient, at)[1](v)[0]
-        self.products += 1
-        _check_finite(_norm(out), f"a Hessian-vector product on {self.where}")
+        out: Params = vjp(gradient, at)[1](v)[0]
+        return out
+
+    def __call__(self, at: Params, v: Params, each: bool = False) -> Params:
+        """``H_g(at) v_g`` for every batch ``g``; ``at`` has a row per batch if ``each``."""
+        if self.stacked is None:
+            point = {n: t[0] for n, t in at.items()} if each else at
+            single = self._hvp(point, self.batches[0], {n: t[0] for n, t in v.items()})
+            out = {n: t.unsqueeze(0) for n, t in single.items()}
+        else:
+            out = vmap(self._hvp, in_dims=(0 if each else None, 0, 0))(at, self.stacked, v)
+        self.products += len(self.where)
+        bad = ~torch.isfinite(_norms(out))
+        if bool(bad.any()):
+            where = self.where[int(bad.nonzero()[0])]
+            raise NonFiniteError(
+                f"estimate_smoothness: a Hessian-vector product on {where} is not finite "
+                "at the weights"
+            )
         return out
 
     def change(self, at: Params, h: float) -> Callable[[Params], Params]:
-        """``v -> (H(at + h v) v - H(at - h v) v) / (2 h)``."""
+        """``v -> (H(at + h v) v - H(at - h v) v) / (2 h)``, per batch."""
 
         def difference(v: Params) -> Params:
-            plus = self({n: at[n] + h * v[n] for n in at}, v)
-            minus = self({n: at[n] - h * v[n] for n in at}, v)
+            plus = self({n: at[n] + h * v[n] for n in at}, v, each=True)
+            minus = self({n: at[n] - h * v[n] for n in at}, v, each=True)
             return {n: (plus[n] - minus[n]) / (2 * h) for n in at}
 
         return difference
+
+
+def _random_unit(like: Params, generator: torch.Generator) -> Params:
+    """A random direction of unit norm, shaped like ``like``."""
+    v = {
+        n: torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t)
+        for n, t in like.items()
+    }
+    scale = _norm(v)
+    return {n: t / scale for n, t in v.items()}
+
+
+def _stack(vectors: list[Params]) -> Params:
+    return {n: torch.stack([v[n] for v in vectors]) for n in vectors[0]}
+
+
+def _norms(rows: Params) -> Tensor:
+    """The norm of each row (leading index) of a stack of parameter dicts, in float64."""
+    squares = [t.double().pow(2).reshape(t.shape[0], -1).sum(1) for t in rows.values()]
+    return torch.stack(squares).sum(0).sqrt()
 
 
 def _norm(tree: Params) -> float:
@@ -428,32 +503,38 @@ def _check_finite(value: float, where: str) -> None:
 
 def _power(
     operator: Callable[[Params], Params],
-    like: Params,
+    v: Params,
     iterations: int,
     tol: float,
-    generator: torch.Generator,
-    floor: float = 0.0,
-) -> _Power:
-    """Power iteration ``v <- A(v) / ||A(v)||`` from a random unit ``v``: the largest ``||A(v)||``.
+    floors: list[float] | None = None,
+) -> list[_Power]:
+    """Power iterations ``v <- A(v) / ||A(v)||``, one per row of ``v``: the largest ``||A(v)||``.
 
-    Converged when the largest ``||A(v)||`` seen grew by at most ``tol`` relative over
-    the last two iterations (two, so that an iteration cycling between two directions
-    stops), or when ``||A(v)||`` is at most ``floor``.
+    A row has converged when the largest ``||A(v)||`` it has seen grew by at most
+    ``tol`` relative over the last two iterations (two, so that an iteration cycling
+    between two directions stops), or when ``||A(v)||`` is at most its floor. Every
+    row iterates until the last converges; each reports where it converged.
     """
-    v = {
-        n: torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t)
-        for n, t in like.items()
-    }
-    scale = _norm(v)
-    v = {n: t / scale for n, t in v.items()}
-    bests = [0.0]
+    rows = next(iter(v.values())).shape[0]
+    floors = floors if floors is not None else [0.0] * rows
+    results: list[_Power | None] = [None] * rows
+    bests = [torch.zeros(rows, dtype=torch.float64)]
     for iteration in range(1, iterations + 1):
         out = operator(v)
-        value = _norm(out)
-        bests.append(max(bests[-1], value))
-        if value <= floor:  # A(v) = 0 up to rounding: nothing left to iterate on
-            return _Power(bests[-1], iteration, True)
-        if iteration >= 3 and bests[-1] - bests[-3] <= tol * bests[-1]:
-            return _Power(bests[-1], iteration, True)
-        v = {n: t / value for n, t in out.items()}
-    return _Power(bests[-1], iterations, False)
+        values = _norms(out)
+        bests.append(torch.maximum(bests[-1], values))
+        for row in range(rows):
+            if results[row] is not None:
+                continue
+            best = float(bests[-1][row])
+            settled = iteration >= 3 and best - float(bests[-3][row]) <= tol * best
+            if float(values[row]) <= floors[row] or settled:
+                results[row] = _Power(best, iteration, True)
+        if all(result is not None for result in results):
+            break
+        scale = values.clamp_min(torch.finfo(torch.float64).tiny)
+        v = {n: t / scale.reshape(-1, *[1] * (t.ndim - 1)).to(t) for n, t in out.items()}
+    return [
+        result if result is not None else _Power(float(bests[-1][row]), iterations, False)
+        for row, result in enumerate(results)
+    ]
