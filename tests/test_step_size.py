@@ -209,3 +209,52 @@ def test_bad_smoothness_arguments_are_named(
 def test_constant_refuses_bad_lr(lr: float) -> None:
     with pytest.raises(ValueError, match=f"'lr' must be a finite number > 0 \\(got {lr}\\)"):
         tm.Constant(lr)
+
+
+class NormalisedStep:
+    """The stateful policy of docs/custom-components.md: a moving average of probe norms."""
+
+    def __init__(self, lr: float, decay: float = 0.9) -> None:
+        self.lr, self.decay = lr, decay
+
+    def __call__(self, context: tm.StepContext) -> tm.StepSize:
+        norm = context.mean_probe_grad_norm()
+        average = self.decay * context.state.get("average", norm) + (1 - self.decay) * norm
+        context.state["average"] = average
+        return tm.StepSize(beta=context.lr / (1 + average))
+
+
+def test_a_policy_keeps_its_state_in_the_optimizer_and_resumes_with_it() -> None:
+    tasks = regression_tasks(2, torch.Generator().manual_seed(0))
+
+    def build() -> tm.MetaOptimizer[torch.nn.Sequential, tuple[Tensor, Tensor]]:
+        return tm.MetaOptimizer(
+            make_mlp(0),
+            mse_loss,
+            inner_loop=tm.GradientDescent(steps=1, lr=ALPHA),
+            estimator=tm.FiniteSum(),
+            step_size=NormalisedStep(0.01),
+        )
+
+    meta_opt = build()
+    assert meta_opt.step_size_state == {}
+    averages = []
+    for _ in range(3):
+        info = meta_opt.step(tasks)
+        averages.append(meta_opt.step_size_state["average"])
+        assert info.beta == pytest.approx(0.01 / (1 + averages[-1]), rel=1e-15)
+    assert len(set(averages)) == 3  # the average moved, step by step
+
+    # A failed step (a NaN query) keeps the state as it was.
+    x, y = tasks[0].query
+    bad = [tm.SupportQuery(tasks[0].support, (x, y * float("nan")))]
+    with pytest.raises(tm.NonFiniteError):
+        meta_opt.step(bad)
+    assert meta_opt.step_size_state["average"] == averages[-1]
+
+    # state_dict carries it: a resumed optimizer continues exactly.
+    resumed = build()
+    resumed.model.load_state_dict(meta_opt.model.state_dict())
+    resumed.load_state_dict(meta_opt.state_dict())
+    assert resumed.step_size_state == meta_opt.step_size_state
+    assert resumed.step(tasks).beta == meta_opt.step(tasks).beta
