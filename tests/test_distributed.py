@@ -8,6 +8,7 @@ averaged over the processes too.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -55,3 +56,30 @@ def test_two_processes_match_one_on_the_whole_meta_batch(tmp_path: Path, outer: 
     flat_two = torch.cat([two[n].reshape(-1) for n in one])
     assert flat_one.dtype == torch.float64
     assert float((flat_two - flat_one).norm() / flat_one.norm()) < 1e-10
+
+
+def test_smoothness_estimates_combine_over_processes(tmp_path: Path) -> None:
+    """Maxima of L, rho and b_max; b weighted by shard size; counts summed."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    environment = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    done = subprocess.run(
+        [*torchrun, "-m", "tests.distributed_reduce"],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    assert "done" in done.stdout, output
+    if TEARDOWN_ABORT not in done.stderr:
+        assert done.returncode == 0, output
+    line = next(text for text in done.stdout.splitlines() if text.startswith("{"))
+    combined = json.loads(line)
+    assert combined["L"] == 5.0
+    assert combined["rho"] == 7.0
+    assert combined["b_max"] == 6.0
+    assert combined["b"] == pytest.approx((1.0 * 2 + 4.0 * 3) / 5, rel=1e-15)
+    assert combined["grad_evals"] == 2 * 5
+    assert combined["hvp_evals"] == 100 * 5
