@@ -28,6 +28,12 @@ Which components apply to which inner loop:
 * :class:`~torch_maml.SmoothnessAdaptive` needs :class:`GradientDescent`: the
   constants of eq. 13-14 and 21-22 are derived for it, and it refuses any other
   inner loop.
+* :class:`~torch_maml.FirstOrder` works with any inner loop; ``Reptile()`` takes its
+  scale from :class:`GradientDescent` (``Reptile(scale=...)`` works with any);
+  :class:`~torch_maml.HessianFree` needs :class:`GradientDescent`;
+  :class:`~torch_maml.Implicit` needs :class:`~torch_maml.Proximal` around any loop.
+  The table of the docs' inner-loop page has every pair; a refused pair raises a
+  ``TypeError`` that says what it needs.
 """
 
 from __future__ import annotations
