@@ -29,3 +29,13 @@ def test_quick_benchmark_run(tmp_path: Path) -> None:
         assert result["rel_diff"] < 1e-12
         assert result["median_ms"] > 0
     assert "| sinusoid | 1 | torch_maml FiniteSum |" in done.stdout
+
+
+def test_smoothness_benchmark_paths_agree() -> None:
+    """Both paths of estimate_smoothness run and give the same L (timings not checked)."""
+    from benchmarks import smoothness
+
+    result = smoothness.main(["--quick"])
+    assert result["L_rel_diff"] < 1e-10
+    assert result["vectorised_s"] > 0
+    assert result["one_by_one_s"] > 0

@@ -157,6 +157,16 @@ def grads_at(weights: Weights, batch: tuple[Tensor, Tensor]) -> Weights:
     return list(torch.autograd.grad(mse_by_hand(leaves, batch), leaves))
 
 
+def heavy_ball_by_hand(inner: HeavyBall, weights: Weights, batch: tuple[Tensor, Tensor]) -> Weights:
+    """The heavy-ball inner loop's last iterate, written out in plain torch."""
+    w, velocity = weights, [torch.zeros_like(p) for p in weights]
+    for _ in range(inner.steps):
+        grads = grads_at(w, batch)
+        velocity = [inner.momentum * b + g for b, g in zip(velocity, grads, strict=True)]
+        w = [p - inner.lr * b for p, b in zip(w, velocity, strict=True)]
+    return w
+
+
 def descend(
     weights: Weights,
     batch: tuple[Tensor, Tensor],
@@ -293,12 +303,7 @@ def test_first_order_takes_any_inner_loop(gen: torch.Generator) -> None:
     inner = HeavyBall(steps=3, lr=0.05, momentum=0.9)
 
     def by_hand(weights: Weights, task: tm.SupportQuery[tuple[Tensor, Tensor]]) -> Weights:
-        w, velocity = weights, [torch.zeros_like(p) for p in weights]
-        for _ in range(inner.steps):
-            grads = grads_at(w, task.support)
-            velocity = [inner.momentum * b + g for b, g in zip(velocity, grads, strict=True)]
-            w = [p - inner.lr * b for p, b in zip(w, velocity, strict=True)]
-        return grads_at(w, task.query)
+        return grads_at(heavy_ball_by_hand(inner, weights, task.support), task.query)
 
     expected = mean_by_hand(make_mlp(0), tasks, by_hand)
     assert params_relative_error(mlp_grads(inner, tm.FirstOrder(), tasks), expected) < TIGHT
@@ -399,11 +404,7 @@ def test_reptile_with_a_scale_takes_any_inner_loop(gen: torch.Generator) -> None
     inner = HeavyBall(steps=3, lr=0.05, momentum=0.9)
 
     def by_hand(weights: Weights, task: tm.SupportQuery[tuple[Tensor, Tensor]]) -> Weights:
-        w, velocity = weights, [torch.zeros_like(p) for p in weights]
-        for _ in range(inner.steps):
-            grads = grads_at(w, task.support)
-            velocity = [inner.momentum * b + g for b, g in zip(velocity, grads, strict=True)]
-            w = [p - inner.lr * b for p, b in zip(w, velocity, strict=True)]
+        w = heavy_ball_by_hand(inner, weights, task.support)
         return [0.5 * (p0 - p) for p0, p in zip(weights, w, strict=True)]
 
     expected = mean_by_hand(make_mlp(0), tasks, by_hand)
