@@ -9,9 +9,16 @@ defined in Ji, Yang & Liang, "Theoretical Convergence of Multi-Step
 Model-Agnostic Meta-Learning" (JMLR 2022).
 """
 
-from . import functional, theory
-from .errors import CompileWarning, InnerStepSizeWarning, NonFiniteError
+from . import algorithms, execution, functional, theory
+from .errors import (
+    CaptureWarning,
+    CompileWarning,
+    InnerStepSizeWarning,
+    NonFiniteError,
+    VectorizationWarning,
+)
 from .estimators import (
+    DrawsSamples,
     Exact,
     FiniteSum,
     FirstOrder,
@@ -21,11 +28,22 @@ from .estimators import (
     MetaGradientEstimator,
     Reptile,
     Resampled,
+    SampleSizes,
 )
-from .functional import TaskLoss
-from .inner import Adam, GradientDescent, InnerLoop, Momentum
+from .inner import (
+    Adam,
+    GradientDescent,
+    GradientDescentSteps,
+    InnerLoop,
+    Masked,
+    Momentum,
+    ProximalSteps,
+    SelectsParameters,
+)
 from .meta_sgd import LearnedStepSizes, MetaSGD
+from .model import TaskLoss
 from .objective import MetaObjective
+from .ops import Ops, OracleCounts
 from .optimizer import MetaBackwardInfo, MetaOptimizer, MetaStepInfo, NanPolicy, ParamSelection
 from .proximal import Proximal
 from .step_size import (
@@ -36,23 +54,35 @@ from .step_size import (
     StepSize,
     StepSizePolicy,
 )
-from .tasks import Sampler, StackedTasks, SupportQuery, Task
+from .tasks import (
+    Sampler,
+    StackedTaskData,
+    StackedTasks,
+    SupportQuery,
+    Task,
+    TaskData,
+    support_query_data,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adam",
+    "CaptureWarning",
     "CompileWarning",
     "Constant",
+    "DrawsSamples",
     "Exact",
     "FiniteSum",
     "FirstOrder",
     "GradientDescent",
+    "GradientDescentSteps",
     "HessianFree",
     "Implicit",
     "InnerLoop",
     "InnerStepSizeWarning",
     "LearnedStepSizes",
+    "Masked",
     "MetaBackwardInfo",
     "MetaGradient",
     "MetaGradientEstimator",
@@ -63,21 +93,32 @@ __all__ = [
     "Momentum",
     "NanPolicy",
     "NonFiniteError",
+    "Ops",
+    "OracleCounts",
     "ParamSelection",
     "Proximal",
+    "ProximalSteps",
     "Reptile",
     "Resampled",
+    "SampleSizes",
     "Sampler",
+    "SelectsParameters",
     "Setting",
     "SmoothnessAdaptive",
+    "StackedTaskData",
     "StackedTasks",
     "StepContext",
     "StepSize",
     "StepSizePolicy",
     "SupportQuery",
     "Task",
+    "TaskData",
     "TaskLoss",
+    "VectorizationWarning",
     "__version__",
+    "algorithms",
+    "execution",
     "functional",
+    "support_query_data",
     "theory",
 ]

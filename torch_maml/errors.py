@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["CompileWarning", "InnerStepSizeWarning", "NonFiniteError"]
+__all__ = [
+    "CaptureWarning",
+    "CompileWarning",
+    "InnerStepSizeWarning",
+    "NonFiniteError",
+    "VectorizationWarning",
+]
 
 
 class NonFiniteError(FloatingPointError):
@@ -26,4 +32,21 @@ class CompileWarning(UserWarning):
     """``torch.compile`` could not compile a MetaOptimizer's meta step: it runs eagerly.
 
     Issued once per optimizer; the results are the same, only slower.
+    """
+
+
+class VectorizationWarning(UserWarning):
+    """A model could not run vectorised over tasks: its tasks run one by one.
+
+    Issued once per optimizer, with the reason (a forward pass that writes a buffer
+    in place, Python control flow on tensor values, an operation ``torch.func.vmap``
+    does not support...). The results are the same, only slower on small models.
+    """
+
+
+class CaptureWarning(UserWarning):
+    """A meta step could not be captured as a CUDA graph: it runs eagerly.
+
+    Issued once per optimizer and reason (samplers, tasks that do not stack, a
+    component that synchronises with the host...). The results are the same.
     """

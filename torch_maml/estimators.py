@@ -1,4 +1,4 @@
-r"""Meta-gradient estimators: which data feeds which term of ``G_i`` (SPEC sections 2-3).
+r"""Meta-gradient estimators: which data feeds which term of ``G_i``, and which algorithm.
 
 The paper's three estimators return the mean over the meta-batch of
 
@@ -6,7 +6,7 @@ The paper's three estimators return the mean over the meta-batch of
     G_i(w) = (I - \alpha H_0)(I - \alpha H_1)\cdots(I - \alpha H_{N-1})\, g_N,
     \qquad H_j = \nabla^2 l_i(w_j; \mathrm{hess}_j), \quad g_N = \nabla l_i(w_N; \mathrm{outer})
 
-and they differ in the batches, and in how the product is computed:
+(eq. 3, 7, 12) and they differ in the batches, and in how the product is computed:
 
 =================  ==========================  ======================  ====================
 estimator          inner step ``batch_j``      Hessian ``hess_j``      outer batch
@@ -28,48 +28,46 @@ the same question:
   regularised inner problem (inner loop :class:`~torch_maml.Proximal`), by
   conjugate gradient.
 
-All of them run vectorised over tasks (``torch.func.vmap``) when the tasks' batches
-stack, in chunks of the objective's ``task_chunk_size``, and task by task otherwise.
+Each chooses its tasks' batches and an algorithm of :mod:`torch_maml.algorithms`, and
+runs it with :meth:`~torch_maml.MetaObjective.map_tasks`, which vectorises,
+chunks, compiles or captures it as the optimizer was set up. An estimator that
+needs a particular kind of inner loop says so in its ``check(inner_loop)``, which
+the :class:`~torch_maml.MetaOptimizer` calls when it is built.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, TypeAlias, runtime_checkable
+from typing import Any, NamedTuple, Protocol, cast, runtime_checkable
 
 import torch
-from torch import Tensor
 
-from ._validation import nonnegative_float, optional_positive_int, positive_float, positive_int
-from .batching import (
-    Method,
-    TaskData,
-    chunk_sizes,
-    chunk_sum,
-    expand_params,
-    plan_chunk_size,
-    stack_task_data,
-    take,
-)
-from .functional import (
-    Ops,
-    OracleCounts,
+from .algorithms import (
     first_order_meta_gradient,
     hessian_free_meta_gradient,
     implicit_meta_gradient,
-    loss_hvp,
     recursion_meta_gradient,
     reptile_meta_gradient,
     unrolled_meta_gradient,
 )
-from .inner import GradientDescent, InnerLoop, _Subset
+from .checks import nonnegative_float, optional_positive_int, positive_float, positive_int
+from .inner import GradientDescentSteps, InnerLoop, ProximalSteps, SelectsParameters
 from .objective import MetaObjective
-from .proximal import Proximal
-from .tasks import Sampler, StackedTasks, SupportQuery, Task, task_kind
+from .ops import MetaGradient, Ops
+from .tasks import (
+    MetaBatchData,
+    Sampler,
+    SupportQuery,
+    Task,
+    TaskData,
+    support_query_data,
+    task_kind,
+)
 from .typing import Batch, Params
 
 __all__ = [
+    "DrawsSamples",
     "Exact",
     "FiniteSum",
     "FirstOrder",
@@ -79,25 +77,19 @@ __all__ = [
     "MetaGradientEstimator",
     "Reptile",
     "Resampled",
+    "SampleSizes",
 ]
-
-
-class MetaGradient(NamedTuple):
-    """An estimator's result for one meta-batch."""
-
-    grads: Params
-    """The mean over the meta-batch of ``G_i``, by parameter name."""
-    loss: Tensor
-    """The mean outer (query) loss after adaptation, a detached scalar."""
-    grad_evals: int
-    """Gradient evaluations made (SPEC section 6)."""
-    hvp_evals: int
-    """Hessian-vector products made (SPEC section 6)."""
 
 
 @runtime_checkable
 class MetaGradientEstimator(Protocol):
-    """Estimates the meta gradient ``mean_i G_i(w)`` of a meta-batch of tasks."""
+    """Estimates the meta gradient ``mean_i G_i(w)`` of a meta-batch of tasks.
+
+    An estimator may also define ``check(inner_loop)``, which the
+    :class:`~torch_maml.MetaOptimizer` calls when it is built, to refuse an inner loop
+    it cannot differentiate (raise a ``TypeError`` that says what it needs), and
+    :class:`DrawsSamples`' ``sample_sizes``, for what it draws from sampler tasks.
+    """
 
     def meta_gradient(
         self,
@@ -109,7 +101,8 @@ class MetaGradientEstimator(Protocol):
         """The meta gradient at ``params`` (``w_k``), averaged over ``tasks``.
 
         Args:
-            objective: the task loss, the inner loop, and the operations on them.
+            objective: the task loss and the inner loop; its
+                :meth:`~torch_maml.MetaObjective.map_tasks` runs a per-task algorithm.
             params: the meta parameters ``w_k``, detached.
             tasks: a non-empty meta-batch of one kind of task.
             generator: the generator to draw any fresh samples from.
@@ -117,94 +110,41 @@ class MetaGradientEstimator(Protocol):
         ...
 
 
-class _Stacked(NamedTuple):
-    """Task data already stacked along a leading dimension of ``count`` tasks."""
+class SampleSizes(NamedTuple):
+    """How many samples an estimator draws from a sampler task for each term."""
 
-    data: TaskData
-    size: int
+    inner: int | None = None
+    """Samples per inner step."""
+    hessian: int | None = None
+    """Samples per Hessian batch."""
+    outer: int | None = None
+    """Samples of the outer batch."""
 
 
-_Algorithm: TypeAlias = Callable[[Ops, Params, TaskData, OracleCounts, int], tuple[Params, Tensor]]
-"""``(ops, w, data, counts, tasks) -> (sum-ready G, loss)`` for one task or a chunk of them."""
+@runtime_checkable
+class DrawsSamples(Protocol):
+    """An estimator that says how many samples it draws from sampler tasks.
 
-
-def _mean_meta_gradient(
-    objective: MetaObjective,
-    params: Params,
-    tasks: Sequence[TaskData] | _Stacked,
-    method: Method,
-    algorithm: _Algorithm | None = None,
-) -> MetaGradient:
-    """Average the meta gradient over the tasks, vectorising chunks of them.
-
-    ``method`` computes it, unless an ``algorithm`` is given (``method`` then only
-    sizes the memory estimate of ``"auto"`` chunks).
+    :meth:`~torch_maml.MetaOptimizer.adapt` draws ``inner`` samples per step, and a
+    smoothness-adaptive step size ``outer`` samples per probe, unless told otherwise.
     """
-    count = tasks.size if isinstance(tasks, _Stacked) else len(tasks)
-    footprint = None
-    if objective.task_chunk_size == "auto" and count > 1:
-        if isinstance(tasks, _Stacked):
-            footprint = objective.footprint(params, tasks.data, True, method)
-        else:
-            footprint = objective.footprint(params, tasks[0], False, method)
-    largest = plan_chunk_size(objective.task_chunk_size, count, footprint)
 
-    counts = OracleCounts()
-    sums: list[tuple[Params, Tensor]] = []  # per chunk: the sums over its tasks
-
-    def run(data: TaskData, size: int) -> None:
-        batched = size > 1
-        ops = objective.ops(batched)
-        start = expand_params(params, size) if batched else params
-        if algorithm is not None:
-            grads, loss = algorithm(ops, start, data, counts, size)
-        elif method == "recursion":
-            grads, loss = recursion_meta_gradient(
-                ops, start, data.inner, data.hessian, data.outer, counts, tasks=size
-            )
-        else:
-            grads, loss = unrolled_meta_gradient(ops, start, data.inner, data.outer, counts, size)
-        sums.append((chunk_sum(grads, batched), chunk_sum(loss, batched)))
-
-    begin = 0
-    for size in chunk_sizes(count, largest):
-        if isinstance(tasks, _Stacked):
-            if size == count > 1:
-                run(tasks.data, size)  # one chunk of all: no slicing
-            else:
-                run(take(tasks.data, begin if size == 1 else slice(begin, begin + size)), size)
-        else:
-            items = tasks[begin : begin + size]
-            together = stack_task_data(items) if size > 1 else None
-            if together is not None:
-                run(together, size)
-            else:  # a single task, or tasks whose batches do not stack: one by one
-                for item in items:
-                    run(item, 1)
-        begin += size
-    totals, loss_total = sums[0]
-    for grads, loss in sums[1:]:
-        totals = {name: total + grads[name] for name, total in totals.items()}
-        loss_total = loss_total + loss
-    return MetaGradient(
-        grads={name: total / count for name, total in totals.items()},
-        loss=loss_total / count,
-        grad_evals=counts.grad_evals,
-        hvp_evals=counts.hvp_evals,
-    )
+    @property
+    def sample_sizes(self) -> SampleSizes:
+        """The sizes (None: not drawn, or not set)."""
+        ...
 
 
-def _draws(task: Sampler[Any], size: int, count: int, generator: torch.Generator) -> list[Batch]:
-    return [task.sample(size, generator=generator) for _ in range(count)]
+# ---------------------------------------------------------------- which data feeds which term
 
 
-def _support_query(estimator: str, tasks: Sequence[Task[Any]]) -> list[SupportQuery[Any]]:
+def _support_query(estimator: str, tasks: Sequence[Task[Any]], steps: int) -> MetaBatchData:
     if task_kind(tasks) != "support-query":
         raise TypeError(
             f"{estimator} needs SupportQuery tasks (a support and a query set); "
             "'tasks' holds samplers: use Resampled(...) for them"
         )
-    return [task for task in tasks if isinstance(task, SupportQuery)]
+    return support_query_data(tasks, steps)
 
 
 def _samplers(estimator: str, tasks: Sequence[Task[Any]]) -> list[Sampler[Any]]:
@@ -216,21 +156,7 @@ def _samplers(estimator: str, tasks: Sequence[Task[Any]]) -> list[Sampler[Any]]:
     return [task for task in tasks if not isinstance(task, SupportQuery)]
 
 
-def _support_query_data(
-    tasks: Sequence[Task[Any]], estimator: str, steps: int, hessian: bool
-) -> list[TaskData] | _Stacked:
-    """Support set at every step (and as every Hessian batch), query set outside."""
-    if isinstance(tasks, StackedTasks):
-        support = [tasks.support] * steps
-        return _Stacked(TaskData(support, support if hessian else [], tasks.query), len(tasks))
-    data = []
-    for task in _support_query(estimator, tasks):
-        support = [task.support] * steps
-        data.append(TaskData(support, support if hessian else [], task.query))
-    return data
-
-
-def _sampler_sizes(estimator: str, **sizes: int | None) -> list[int]:
+def _sizes(estimator: str, **sizes: int | None) -> list[int]:
     """The sample sizes an estimator needs for sampler tasks, all given, in order."""
     given = [size for size in sizes.values() if size is not None]
     if len(given) < len(sizes):
@@ -241,29 +167,53 @@ def _sampler_sizes(estimator: str, **sizes: int | None) -> list[int]:
     return given
 
 
-def _inner_outer_data(
+def _draws(task: Sampler[Any], size: int, count: int, generator: torch.Generator) -> list[Batch]:
+    return [task.sample(size, generator=generator) for _ in range(count)]
+
+
+def _sampled(
     estimator: str,
     tasks: Sequence[Task[Any]],
     steps: int,
     generator: torch.Generator,
     inner_size: int | None,
     outer_size: int | None,
-) -> list[TaskData] | _Stacked:
-    """Support at every step and query outside, or fresh inner and outer draws."""
+    hessian_size: int | None = None,
+    independent_hessians: bool = False,
+) -> MetaBatchData:
+    """Support/query data, or fresh draws for each sampler task.
+
+    Per task: ``N`` inner batches, then (with ``independent_hessians``) ``N`` Hessian
+    batches, then the outer batch. Without independent Hessian batches, each step's
+    Hessian is taken on its own batch.
+    """
     if task_kind(tasks) == "support-query":
-        return _support_query_data(tasks, estimator, steps, hessian=False)
-    inner, outer = _sampler_sizes(estimator, inner_size=inner_size, outer_size=outer_size)
-    return [
-        TaskData(_draws(task, inner, steps, generator), [], task.sample(outer, generator=generator))
-        for task in _samplers(estimator, tasks)
-    ]
+        return support_query_data(tasks, steps)
+    if independent_hessians:
+        inner, hessian, outer = _sizes(
+            estimator, inner_size=inner_size, hessian_size=hessian_size, outer_size=outer_size
+        )
+    else:
+        inner, outer = _sizes(estimator, inner_size=inner_size, outer_size=outer_size)
+    data = []
+    for task in _samplers(estimator, tasks):
+        inner_batches = _draws(task, inner, steps, generator)
+        hessians = _draws(task, hessian, steps, generator) if independent_hessians else ()
+        data.append(TaskData(inner_batches, hessians, task.sample(outer, generator=generator)))
+    return data
 
 
-def _unwrap(inner_loop: InnerLoop) -> tuple[InnerLoop, tuple[str, ...] | None]:
-    """The inner loop the user gave, and the names it adapts if ``adapted=`` chose some."""
-    if isinstance(inner_loop, _Subset):
-        return inner_loop.inner_loop, inner_loop.names
-    return inner_loop, None
+def _gradient_descent_lr(estimator: str, inner_loop: InnerLoop, why: str) -> float:
+    """The step size of a gradient-descent inner loop, or a TypeError saying what is needed."""
+    if not isinstance(inner_loop, GradientDescentSteps):
+        raise TypeError(
+            f"{estimator} needs a GradientDescent inner loop: {why} "
+            f"(got an inner loop of type {type(inner_loop).__name__})"
+        )
+    return inner_loop.descent_lr()
+
+
+# ---------------------------------------------------------------- the paper's three
 
 
 @dataclass(frozen=True)
@@ -292,6 +242,11 @@ class Exact:
         optional_positive_int("inner_size", self.inner_size)
         optional_positive_int("outer_size", self.outer_size)
 
+    @property
+    def sample_sizes(self) -> SampleSizes:
+        """``inner_size`` and ``outer_size`` (for sampler tasks)."""
+        return SampleSizes(inner=self.inner_size, outer=self.outer_size)
+
     def meta_gradient(
         self,
         objective: MetaObjective,
@@ -300,15 +255,9 @@ class Exact:
         generator: torch.Generator,
     ) -> MetaGradient:
         """Mean over ``tasks`` of the unrolled-autograd meta gradient."""
-        data = _inner_outer_data(
-            "Exact",
-            tasks,
-            objective.inner_loop.steps,
-            generator,
-            self.inner_size,
-            self.outer_size,
-        )
-        return _mean_meta_gradient(objective, params, data, "unrolled")
+        steps = objective.inner_loop.steps
+        data = _sampled("Exact", tasks, steps, generator, self.inner_size, self.outer_size)
+        return objective.map_tasks(unrolled_meta_gradient, params, data, memory="unrolled")
 
 
 @dataclass(frozen=True)
@@ -333,8 +282,8 @@ class FiniteSum:
         generator: torch.Generator,
     ) -> MetaGradient:
         """Mean over ``tasks`` of eq. 12."""
-        data = _support_query_data(tasks, "FiniteSum", objective.inner_loop.steps, hessian=True)
-        return _mean_meta_gradient(objective, params, data, "recursion")
+        data = _support_query("FiniteSum", tasks, objective.inner_loop.steps)
+        return objective.map_tasks(recursion_meta_gradient, params, data)
 
 
 @dataclass(frozen=True)
@@ -366,6 +315,11 @@ class Resampled:
         positive_int("hessian_size", self.hessian_size)
         positive_int("outer_size", self.outer_size)
 
+    @property
+    def sample_sizes(self) -> SampleSizes:
+        """``inner_size``, ``hessian_size`` and ``outer_size``."""
+        return SampleSizes(self.inner_size, self.hessian_size, self.outer_size)
+
     def meta_gradient(
         self,
         objective: MetaObjective,
@@ -374,16 +328,21 @@ class Resampled:
         generator: torch.Generator,
     ) -> MetaGradient:
         """Mean over ``tasks`` of eq. 7."""
-        steps = objective.inner_loop.steps
-        data = [
-            TaskData(
-                _draws(task, self.inner_size, steps, generator),
-                _draws(task, self.hessian_size, steps, generator),
-                task.sample(self.outer_size, generator=generator),
-            )
-            for task in _samplers("Resampled", tasks)
-        ]
-        return _mean_meta_gradient(objective, params, data, "recursion")
+        _samplers("Resampled", tasks)
+        data = _sampled(
+            "Resampled",
+            tasks,
+            objective.inner_loop.steps,
+            generator,
+            self.inner_size,
+            self.outer_size,
+            self.hessian_size,
+            independent_hessians=True,
+        )
+        return objective.map_tasks(recursion_meta_gradient, params, data)
+
+
+# ---------------------------------------------------------------- beyond the paper's three
 
 
 @dataclass(frozen=True)
@@ -417,6 +376,11 @@ class FirstOrder:
         optional_positive_int("inner_size", self.inner_size)
         optional_positive_int("outer_size", self.outer_size)
 
+    @property
+    def sample_sizes(self) -> SampleSizes:
+        """``inner_size`` and ``outer_size`` (for sampler tasks)."""
+        return SampleSizes(inner=self.inner_size, outer=self.outer_size)
+
     def meta_gradient(
         self,
         objective: MetaObjective,
@@ -425,21 +389,9 @@ class FirstOrder:
         generator: torch.Generator,
     ) -> MetaGradient:
         """Mean over ``tasks`` of ``grad l_i(w_N; outer)``."""
-        data = _inner_outer_data(
-            "FirstOrder",
-            tasks,
-            objective.inner_loop.steps,
-            generator,
-            self.inner_size,
-            self.outer_size,
-        )
-
-        def algorithm(
-            ops: Ops, start: Params, item: TaskData, counts: OracleCounts, size: int
-        ) -> tuple[Params, Tensor]:
-            return first_order_meta_gradient(ops, start, item.inner, item.outer, counts, size)
-
-        return _mean_meta_gradient(objective, params, data, "recursion", algorithm)
+        steps = objective.inner_loop.steps
+        data = _sampled("FirstOrder", tasks, steps, generator, self.inner_size, self.outer_size)
+        return objective.map_tasks(first_order_meta_gradient, params, data)
 
 
 @dataclass(frozen=True)
@@ -496,6 +448,32 @@ class Reptile:
         optional_positive_int("inner_size", self.inner_size)
         optional_positive_int("outer_size", self.outer_size)
 
+    @property
+    def sample_sizes(self) -> SampleSizes:
+        """``inner_size`` and ``outer_size`` (for sampler tasks)."""
+        return SampleSizes(inner=self.inner_size, outer=self.outer_size)
+
+    def check(self, inner_loop: InnerLoop) -> None:
+        """Refuse a selection of adapted parameters, and a non-descent loop without ``scale``.
+
+        Raises:
+            ValueError: the inner loop adapts only some parameters (``adapted=``).
+            TypeError: ``scale`` is None and the inner loop is not gradient descent.
+        """
+        if isinstance(inner_loop, SelectsParameters):
+            raise ValueError(
+                "Reptile moves each parameter by its inner-loop displacement w - w_N, which "
+                "is 0 for the parameters that 'adapted' leaves out: they would never be "
+                "trained. Adapt all of them, or freeze the others with requires_grad_(False)"
+            )
+        if self.scale is None:
+            _gradient_descent_lr(
+                "Reptile()",
+                inner_loop,
+                "it takes its scale 1 / (N * lr) from it; pass Reptile(scale=...) for other "
+                "inner loops (scale=1.0 gives G = w - w_N)",
+            )
+
     def meta_gradient(
         self,
         objective: MetaObjective,
@@ -503,40 +481,18 @@ class Reptile:
         tasks: Sequence[Task[Any]],
         generator: torch.Generator,
     ) -> MetaGradient:
-        """Mean over ``tasks`` of ``scale * (w - w_N)``.
+        """Mean over ``tasks`` of ``scale * (w - w_N)``."""
+        self.check(objective.inner_loop)
+        steps = objective.inner_loop.steps
+        data = _sampled("Reptile", tasks, steps, generator, self.inner_size, self.outer_size)
+        return objective.map_tasks(self._algorithm, params, data)
 
-        Raises:
-            TypeError: ``scale`` is None and the inner loop is not gradient descent.
-            ValueError: the optimizer adapts only some parameters (``adapted=``).
-        """
-        inner_loop, adapted = _unwrap(objective.inner_loop)
-        if adapted is not None:
-            raise ValueError(
-                "Reptile moves each parameter by its inner-loop displacement w - w_N, which "
-                "is 0 for the parameters that 'adapted' leaves out: they would never be "
-                "trained. Adapt all of them, or freeze the others with requires_grad_(False)"
-            )
+    def _algorithm(self, ops: Ops, params: Params, data: TaskData) -> MetaGradient:
         scale = self.scale
-        if scale is None:
-            if not isinstance(inner_loop, GradientDescent):
-                raise TypeError(
-                    "Reptile() takes its scale 1 / (N * lr) from a GradientDescent inner loop "
-                    f"(got an inner loop of type {type(inner_loop).__name__}); pass "
-                    "Reptile(scale=...) for other inner loops (scale=1.0 gives G = w - w_N)"
-                )
-            scale = 1.0 / (inner_loop.steps * inner_loop.lr)
-        data = _inner_outer_data(
-            "Reptile", tasks, inner_loop.steps, generator, self.inner_size, self.outer_size
-        )
-
-        def algorithm(
-            ops: Ops, start: Params, item: TaskData, counts: OracleCounts, size: int
-        ) -> tuple[Params, Tensor]:
-            return reptile_meta_gradient(
-                ops, objective.loss, start, item.inner, item.outer, scale, counts, size, size > 1
-            )
-
-        return _mean_meta_gradient(objective, params, data, "recursion", algorithm)
+        if scale is None:  # check() made sure the inner loop is gradient descent
+            lr = cast(GradientDescentSteps, ops.inner_loop).descent_lr()
+            scale = 1.0 / (len(data.inner) * lr)
+        return reptile_meta_gradient(ops, params, data, scale=scale)
 
 
 @dataclass(frozen=True)
@@ -549,7 +505,7 @@ class HessianFree:
             - \nabla l_i(w_j - h_j v; \mathrm{hess}_j)\big),
         \quad h_j = \frac{\delta}{\|v\|} \quad (j = N-1, \dots, 0), \qquad \hat G_i = v
 
-    SPEC section 2's recursion with each Hessian-vector product replaced by a
+    The recursion of eq. 7 and 12 with each Hessian-vector product replaced by a
     central difference of two gradients (for ``N = 1``, HF-MAML): first-order
     oracles only. Its error is ``O(delta^2)`` relative to the exact recursion
     (:class:`FiniteSum`, :class:`Resampled`) and zero for quadratic losses. The
@@ -594,6 +550,24 @@ class HessianFree:
         optional_positive_int("hessian_size", self.hessian_size)
         optional_positive_int("outer_size", self.outer_size)
 
+    @property
+    def sample_sizes(self) -> SampleSizes:
+        """``inner_size``, ``hessian_size`` and ``outer_size`` (for sampler tasks)."""
+        return SampleSizes(self.inner_size, self.hessian_size, self.outer_size)
+
+    def check(self, inner_loop: InnerLoop) -> None:
+        """Refuse an inner loop that is not gradient descent.
+
+        Raises:
+            TypeError: the inner loop is not gradient descent.
+        """
+        _gradient_descent_lr(
+            "HessianFree",
+            inner_loop,
+            "its finite differences stand for the Hessian-vector products of "
+            "gradient-descent steps",
+        )
+
     def meta_gradient(
         self,
         objective: MetaObjective,
@@ -601,56 +575,23 @@ class HessianFree:
         tasks: Sequence[Task[Any]],
         generator: torch.Generator,
     ) -> MetaGradient:
-        """Mean over ``tasks`` of the finite-difference recursion.
+        """Mean over ``tasks`` of the finite-difference recursion."""
+        self.check(objective.inner_loop)
+        data = _sampled(
+            "HessianFree",
+            tasks,
+            objective.inner_loop.steps,
+            generator,
+            self.inner_size,
+            self.outer_size,
+            self.hessian_size,
+            independent_hessians=True,
+        )
+        return objective.map_tasks(self._algorithm, params, data)
 
-        Raises:
-            TypeError: the inner loop is not gradient descent.
-        """
-        inner_loop, adapted = _unwrap(objective.inner_loop)
-        if not isinstance(inner_loop, GradientDescent):
-            raise TypeError(
-                "HessianFree needs a GradientDescent inner loop: its finite differences "
-                "stand for the Hessian-vector products of gradient-descent steps "
-                f"(got an inner loop of type {type(inner_loop).__name__})"
-            )
-        steps, lr = inner_loop.steps, inner_loop.lr
-        data: list[TaskData] | _Stacked
-        if task_kind(tasks) == "support-query":
-            data = _support_query_data(tasks, "HessianFree", steps, hessian=True)
-        else:
-            inner, hessian, outer = _sampler_sizes(
-                "HessianFree",
-                inner_size=self.inner_size,
-                hessian_size=self.hessian_size,
-                outer_size=self.outer_size,
-            )
-            data = [
-                TaskData(
-                    _draws(task, inner, steps, generator),
-                    _draws(task, hessian, steps, generator),
-                    task.sample(outer, generator=generator),
-                )
-                for task in _samplers("HessianFree", tasks)
-            ]
-
-        def algorithm(
-            ops: Ops, start: Params, item: TaskData, counts: OracleCounts, size: int
-        ) -> tuple[Params, Tensor]:
-            return hessian_free_meta_gradient(
-                ops,
-                start,
-                item.inner,
-                item.hessian,
-                item.outer,
-                lr,
-                self.delta,
-                counts,
-                size,
-                batched=size > 1,
-                adapted=adapted,
-            )
-
-        return _mean_meta_gradient(objective, params, data, "recursion", algorithm)
+    def _algorithm(self, ops: Ops, params: Params, data: TaskData) -> MetaGradient:
+        lr = cast(GradientDescentSteps, ops.inner_loop).descent_lr()  # check() made sure
+        return hessian_free_meta_gradient(ops, params, data, lr=lr, delta=self.delta)
 
 
 @dataclass(frozen=True)
@@ -714,6 +655,27 @@ class Implicit:
         positive_int("cg_steps", self.cg_steps)
         object.__setattr__(self, "tol", nonnegative_float("tol", self.tol))
 
+    def check(self, inner_loop: InnerLoop) -> None:
+        """Refuse an inner loop that is not proximal, or whose ``lam`` differs.
+
+        Raises:
+            TypeError: the inner loop is not :class:`~torch_maml.Proximal`.
+            ValueError: ``lam`` was given and differs from the inner loop's.
+        """
+        if not isinstance(inner_loop, ProximalSteps):
+            lam_text = "lam" if self.lam is None else f"lam={self.lam:g}"
+            raise TypeError(
+                "Implicit needs a Proximal inner loop, whose regularised inner problem it "
+                f"differentiates: wrap yours as tm.Proximal(inner_loop, {lam_text}) "
+                f"(got an inner loop of type {type(inner_loop).__name__})"
+            )
+        lam = inner_loop.proximal_lam()
+        if self.lam is not None and self.lam != lam:
+            raise ValueError(
+                f"Implicit(lam={self.lam:g}) differs from its Proximal inner loop's "
+                f"lam={lam:g}: the regularised problem has one lam"
+            )
+
     def meta_gradient(
         self,
         objective: MetaObjective,
@@ -727,47 +689,17 @@ class Implicit:
             TypeError: the inner loop is not :class:`~torch_maml.Proximal`, or the
                 tasks are samplers.
         """
-        inner_loop, adapted = _unwrap(objective.inner_loop)
-        if not isinstance(inner_loop, Proximal):
-            lam_text = "lam" if self.lam is None else f"lam={self.lam:g}"
-            raise TypeError(
-                "Implicit needs a Proximal inner loop, whose regularised inner problem it "
-                f"differentiates: wrap yours as tm.Proximal(inner_loop, {lam_text}) "
-                f"(got an inner loop of type {type(inner_loop).__name__})"
-            )
-        if self.lam is not None and self.lam != inner_loop.lam:
-            raise ValueError(
-                f"Implicit(lam={self.lam:g}) differs from its Proximal inner loop's "
-                f"lam={inner_loop.lam:g}: the regularised problem has one lam"
-            )
+        self.check(objective.inner_loop)
         if task_kind(tasks) != "support-query":
             raise TypeError(
                 "Implicit needs SupportQuery tasks: its inner problem is a fixed support "
                 "set's regularised loss ('tasks' holds samplers)"
             )
-        lam = inner_loop.lam
-        data = _support_query_data(tasks, "Implicit", inner_loop.steps, hessian=False)
+        data = support_query_data(tasks, objective.inner_loop.steps)
+        return objective.map_tasks(self._algorithm, params, data)
 
-        def algorithm(
-            ops: Ops, start: Params, item: TaskData, counts: OracleCounts, size: int
-        ) -> tuple[Params, Tensor]:
-            def hvp(phi: Params, batch: Batch, vector: Params) -> Params:
-                return loss_hvp(objective.loss, phi, batch, vector)
-
-            return implicit_meta_gradient(
-                ops,
-                torch.func.vmap(hvp) if size > 1 else hvp,
-                start,
-                item.inner,
-                item.inner[0],
-                item.outer,
-                lam,
-                self.cg_steps,
-                self.tol,
-                counts,
-                size,
-                batched=size > 1,
-                adapted=adapted,
-            )
-
-        return _mean_meta_gradient(objective, params, data, "recursion", algorithm)
+    def _algorithm(self, ops: Ops, params: Params, data: TaskData) -> MetaGradient:
+        lam = cast(ProximalSteps, ops.inner_loop).proximal_lam()  # check() made sure
+        return implicit_meta_gradient(
+            ops, params, data, lam=lam, cg_steps=self.cg_steps, tol=self.tol
+        )

@@ -1,4 +1,4 @@
-r"""Inner loops: how a task adapts the meta parameters (SPEC section 1).
+r"""Inner loops: how a task adapts the meta parameters (eq. 1, 6, 9, 11).
 
 An inner loop is a differentiable optimiser written as a pure function, in the
 style of optax: :meth:`InnerLoop.init` makes its state from ``w_0 = w`` and
@@ -11,44 +11,54 @@ others by its vector-Jacobian product, step by step), so any inner loop written
 in differentiable torch operations works with all of them.
 
 Built in: :class:`GradientDescent` (the paper's inner loop), :class:`Momentum`
-(heavy ball, Polyak 1964, or Nesterov), :class:`Adam` (Kingma & Ba 2015), and
-:class:`~torch_maml.MetaSGD` (Li et al. 2017: learned per-parameter step sizes, with
-the model wrapped in :class:`~torch_maml.LearnedStepSizes`).
+(heavy ball, Polyak 1964, or Nesterov), :class:`Adam` (Kingma & Ba 2015),
+:class:`~torch_maml.MetaSGD` (Li et al. 2017: learned per-parameter step sizes),
+:class:`~torch_maml.Proximal` (iMAML's regularised inner problem) and
+:class:`Masked` (any of them, adapting only some parameters: ANIL).
 
-Which components apply to which inner loop:
+Some components need to know more about an inner loop than the protocol says. An
+inner loop tells them through optional methods, each its own small protocol, so
+that a wrapper of your own that forwards attribute access (``__getattr__``) to a
+built-in loop is accepted wherever that loop is:
 
-* :class:`~torch_maml.Exact` (autograd through the unrolled loop),
-  :class:`~torch_maml.FiniteSum` and :class:`~torch_maml.Resampled` (the backward
-  recursion, which applies the transposed Jacobian of each step, optimiser state
-  included, on that step's Hessian batch) give the meta gradient of every inner loop
-  here, and of any differentiable one of your own; so does any estimator built on
-  ``update``'s vector-Jacobian product. For gradient descent the recursion is eq. 7 /
-  eq. 12; for the others it is their generalisation: the same product of step
-  Jacobians, with each Hessian taken on ``hess_j``.
-* :class:`~torch_maml.SmoothnessAdaptive` needs :class:`GradientDescent`: the
-  constants of eq. 13-14 and 21-22 are derived for it, and it refuses any other
-  inner loop.
-* :class:`~torch_maml.FirstOrder` works with any inner loop; ``Reptile()`` takes its
-  scale from :class:`GradientDescent` (``Reptile(scale=...)`` works with any);
-  :class:`~torch_maml.HessianFree` needs :class:`GradientDescent`;
-  :class:`~torch_maml.Implicit` needs :class:`~torch_maml.Proximal` around any loop.
-  The table of the docs' inner-loop page has every pair; a refused pair raises a
-  ``TypeError`` that says what it needs.
+* :class:`GradientDescentSteps` (``descent_lr()``): every step is
+  ``w - alpha * grad``. :class:`~torch_maml.HessianFree`, ``Reptile()`` (its default
+  scale) and :class:`~torch_maml.SmoothnessAdaptive` need it.
+* :class:`ProximalSteps` (``proximal_lam()``): the steps solve iMAML's regularised
+  problem. :class:`~torch_maml.Implicit` needs it.
+* :class:`SelectsParameters` (``adapted_names(names)``): only some parameters move.
+
+Which estimator works with which inner loop is the table of the docs' inner-loop
+page; a refused pair raises a ``TypeError`` that says what it needs, when the
+:class:`~torch_maml.MetaOptimizer` is built.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, TypedDict, runtime_checkable
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypedDict, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from ._validation import positive_float, positive_int, unit_interval
-from .theory import check_inner_lr
+from .checks import positive_float, positive_int, unit_interval
+from .formulas import check_inner_lr
+from .model import ParamSelection, resolve_selection
 from .typing import InnerState, Params
 
-__all__ = ["Adam", "AdamState", "GradientDescent", "InnerLoop", "Momentum"]
+__all__ = [
+    "Adam",
+    "AdamState",
+    "GradientDescent",
+    "GradientDescentSteps",
+    "InnerLoop",
+    "Masked",
+    "Momentum",
+    "ProximalSteps",
+    "SelectsParameters",
+    "adapted_names",
+]
 
 
 @runtime_checkable
@@ -75,6 +85,54 @@ class InnerLoop(Protocol):
         arguments in place.
         """
         ...
+
+
+@runtime_checkable
+class GradientDescentSteps(Protocol):
+    """An inner loop whose every step is plain gradient descent on what it adapts.
+
+    ``w_{j+1} = w_j - alpha * grad l(w_j; batch_j)``: the step's Jacobian is then
+    ``I - alpha H``, which :class:`~torch_maml.HessianFree` replaces by finite
+    differences and the constants of eq. 13 and 21 assume.
+    """
+
+    @property
+    def steps(self) -> int:
+        """The number ``N`` of inner steps."""
+        ...
+
+    def descent_lr(self) -> float:
+        """The inner step size ``alpha``."""
+        ...
+
+
+@runtime_checkable
+class ProximalSteps(Protocol):
+    """An inner loop that minimises ``l(phi; batch) + lam/2 ||phi - w||^2`` (iMAML)."""
+
+    def proximal_lam(self) -> float:
+        """The regularisation strength ``lam``."""
+        ...
+
+
+@runtime_checkable
+class SelectsParameters(Protocol):
+    """An inner loop that adapts only some of the meta parameters."""
+
+    def adapted_names(self, names: Sequence[str]) -> tuple[str, ...]:
+        """Which of the meta parameters ``names`` the steps move, in their order.
+
+        Raises:
+            ValueError: the selection does not fit ``names``.
+        """
+        ...
+
+
+def adapted_names(inner_loop: InnerLoop, names: Sequence[str]) -> tuple[str, ...]:
+    """The meta parameters ``inner_loop`` moves: all of ``names`` unless it selects some."""
+    if isinstance(inner_loop, SelectsParameters):
+        return inner_loop.adapted_names(names)
+    return tuple(names)
 
 
 @dataclass(frozen=True)
@@ -110,9 +168,13 @@ class GradientDescent:
         """Plain gradient descent keeps no state."""
         return ()
 
+    def descent_lr(self) -> float:
+        """``lr``: every step is plain gradient descent (:class:`GradientDescentSteps`)."""
+        return self.lr
+
     def update(self, params: Params, grads: Params, state: InnerState) -> tuple[Params, InnerState]:
         """``w - lr * grad`` for every adapted parameter."""
-        return {name: p - self.lr * grads[name] for name, p in params.items()}, state
+        return {name: p.add(grads[name], alpha=-self.lr) for name, p in params.items()}, state
 
 
 @dataclass(frozen=True)
@@ -302,29 +364,82 @@ class Adam:
 
 
 @dataclass(frozen=True)
-class _Subset:
-    """``inner_loop`` adapting only the parameters ``names``; the others pass through.
+class Masked:
+    r"""``inner_loop`` adapting only the selected parameters; the others pass through.
 
     The others are still meta parameters: the estimators differentiate each step
     with respect to all of them (for gradient descent, their share of the meta
-    gradient is ``-alpha * H_{fa} v`` at each step plus their outer gradient), so
-    the meta gradient reaches every trainable parameter, as in ANIL.
+    gradient is ``-alpha H_{fa} v`` at each step plus their outer gradient), so the
+    meta gradient reaches every trainable parameter, as in ANIL (Raghu et al. 2020,
+    with the head selected). ``MetaOptimizer(adapted=...)`` builds one.
+
+    The wrapped loop's optional methods (:class:`GradientDescentSteps`,
+    :class:`ProximalSteps`) are forwarded: ``Masked(GradientDescent(...), ...)`` is
+    still gradient descent, on the selected parameters.
+
+    Args:
+        inner_loop: the inner optimiser of the selected parameters.
+        selection: parameter names or module prefixes (``["head"]`` selects
+            ``head.weight`` and ``head.bias``), or a predicate on names.
+
+    Example:
+        >>> import torch_maml as tm
+        >>> inner = tm.Masked(tm.GradientDescent(steps=5, lr=0.1), ["head"])
+        >>> inner.adapted_names(["body.weight", "head.weight", "head.bias"])
+        ('head.weight', 'head.bias')
     """
 
     inner_loop: InnerLoop
-    names: tuple[str, ...]
+    selection: ParamSelection = field(hash=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inner_loop, InnerLoop):
+            raise TypeError(
+                "'inner_loop' must implement the InnerLoop protocol "
+                f"(got an object of type {type(self.inner_loop).__name__})"
+            )
+        if not callable(self.selection):
+            if isinstance(self.selection, str) or not all(
+                isinstance(e, str) for e in self.selection
+            ):
+                raise TypeError(
+                    "'selection' must be a collection of parameter names or module prefixes, "
+                    f"or a predicate on names (got {self.selection!r})"
+                )
+            object.__setattr__(self, "selection", tuple(self.selection))
+        object.__setattr__(self, "_resolved", {})  # names -> selection, per call site
+
+    def __getattr__(self, name: str) -> Any:
+        # The wrapped loop's optional protocol methods (descent_lr, proximal_lam...).
+        if name.startswith("__") or "inner_loop" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["inner_loop"], name)
 
     @property
     def steps(self) -> int:
+        """The wrapped loop's number ``N`` of steps."""
         return self.inner_loop.steps
 
+    def adapted_names(self, names: Sequence[str]) -> tuple[str, ...]:
+        """The names of ``names`` that the selection picks (and the wrapped loop adapts)."""
+        chosen = resolve_selection(self.selection, names)
+        return adapted_names(self.inner_loop, chosen)
+
     def init(self, params: Params) -> InnerState:
-        return self.inner_loop.init({name: params[name] for name in self.names})
+        """The wrapped loop's state for the selected parameters."""
+        return self.inner_loop.init(self._selected(params))
 
     def update(self, params: Params, grads: Params, state: InnerState) -> tuple[Params, InnerState]:
+        """A step of the selected parameters; the others are returned as they are."""
+        selected = self._selected(params)
         adapted, state = self.inner_loop.update(
-            {name: params[name] for name in self.names},
-            {name: grads[name] for name in self.names},
-            state,
+            selected, {name: grads[name] for name in selected}, state
         )
         return {**params, **adapted}, state
+
+    def _selected(self, params: Params) -> Params:
+        key = tuple(params)
+        resolved: dict[tuple[str, ...], tuple[str, ...]] = self.__dict__["_resolved"]
+        if key not in resolved:
+            resolved[key] = resolve_selection(self.selection, key)
+        return {name: params[name] for name in resolved[key]}

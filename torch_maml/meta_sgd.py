@@ -29,7 +29,7 @@ from typing import Any, Generic
 import torch
 from torch import nn
 
-from ._validation import positive_float, positive_int
+from .checks import positive_float, positive_int
 from .typing import InnerState, ModelT, Params
 
 __all__ = ["LearnedStepSizes", "MetaSGD"]

@@ -1,10 +1,15 @@
-"""The meta objective an estimator differentiates, and how its operations run.
+r"""The meta objective an estimator differentiates, and the way to run algorithms on it.
 
-A :class:`MetaObjective` holds the task loss and the inner loop (what defines
-``L(w) = mean_i l_i(w_N^i(w); outer_i)``) and the execution choices of its
-:class:`~torch_maml.MetaOptimizer`: how many tasks to vectorise at once, and
-whether to compile. Estimators receive it, and take the operations they need from
-:meth:`MetaObjective.ops`.
+A :class:`MetaObjective` holds the task loss and the inner loop, which define
+
+.. math::
+    \mathcal L(w) = \frac{1}{|B|} \sum_{i \in B} l_i\big(w_N^i(w); \mathrm{outer}_i\big),
+
+and the :class:`~torch_maml.execution.Executor` its :class:`~torch_maml.MetaOptimizer`
+configured. An estimator chooses each task's batches and an algorithm, and calls
+:meth:`MetaObjective.map_tasks`: the tasks then run one by one or vectorised, in
+chunks, compiled or captured, as the optimizer was set up, whoever wrote the
+estimator.
 """
 
 from __future__ import annotations
@@ -13,43 +18,28 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
-from torch.utils._pytree import tree_leaves
 
-from .batching import (
-    ChunkSize,
-    Method,
-    TaskData,
-    TaskFootprint,
-    check_chunk_size,
-    estimate_task_bytes,
-    take,
-)
-from .functional import (
-    Ops,
-    OracleCounts,
-    TaskLoss,
-    adapt,
-    batched_ops,
-    loss_grad,
-    task_ops,
-)
+from .algorithms import rollout
+from .execution import Algorithm, ChunkSize, Executor, Memory
 from .inner import InnerLoop
+from .model import TaskLoss
+from .ops import MetaGradient, Ops, OracleCounts
+from .tasks import MetaBatchData
 from .typing import Batch, Params
 
 __all__ = ["MetaObjective"]
 
 
 class MetaObjective:
-    """The task loss and inner loop, with the operations estimators are built from.
+    """The task loss and inner loop, and how algorithms run over a meta-batch of them.
 
     Args:
         loss: the task loss ``l(w; batch)``.
         inner_loop: the inner optimiser that produces ``w_N`` from ``w``.
-        task_chunk_size: how many tasks the estimators vectorise at once: a number,
-            ``"auto"`` (see :func:`torch_maml.batching.plan_chunk_size`) or ``None`` (all
-            the tasks of a meta-batch at once). 1 runs tasks one by one, unvectorised.
-        compile: compile the vectorised operations with ``torch.compile``: ``True``
-            for its defaults, or a dict of its keyword arguments.
+        task_chunk_size: how many tasks run vectorised at once: a number, ``"auto"``
+            or ``None`` (all the tasks of a meta-batch at once); 1 runs them one by one.
+        compile: compile each chunk's computation with ``torch.compile``: ``True`` for
+            its defaults, or a dict of its keyword arguments.
     """
 
     def __init__(
@@ -62,70 +52,63 @@ class MetaObjective:
     ) -> None:
         self.loss = loss
         self.inner_loop = inner_loop
-        self.task_chunk_size = check_chunk_size(task_chunk_size)
-        if not isinstance(compile, (bool, Mapping)):
-            raise TypeError(
-                "'compile' must be a bool or a dict of torch.compile options "
-                f"(got an object of type {type(compile).__name__})"
-            )
-        self.compile = compile
-        self._task_ops: Ops | None = None
-        self._batched_ops: Ops | None = None
-        self._footprints: dict[tuple[Any, ...], TaskFootprint] = {}
+        self.executor = Executor(
+            loss, inner_loop, task_chunk_size=task_chunk_size, compile=compile
+        )
 
-    def ops(self, batched: bool) -> Ops:
-        """The operations for one task, or vectorised over a leading task dimension.
+    @property
+    def task_chunk_size(self) -> ChunkSize:
+        """How many tasks run vectorised at once."""
+        return self.executor.task_chunk_size
 
-        The vectorised ones are compiled if the objective was built with ``compile``;
-        both are built once and cached.
-        """
-        if not batched:
-            if self._task_ops is None:
-                self._task_ops = task_ops(self.loss, self.inner_loop)
-            return self._task_ops
-        if self._batched_ops is None:
-            ops = batched_ops(self.loss, self.inner_loop, compilable=self.compile is not False)
-            if self.compile is not False:
-                from .compiling import compiled_ops  # torch.compile only when asked for
+    @property
+    def compile(self) -> bool | Mapping[str, Any]:
+        """The ``torch.compile`` setting."""
+        return self.executor.compile
 
-                options = self.compile if isinstance(self.compile, Mapping) else None
-                ops = compiled_ops(ops, options)
-            self._batched_ops = ops
-        return self._batched_ops
+    def map_tasks(
+        self,
+        algorithm: Algorithm,
+        params: Params,
+        data: MetaBatchData,
+        *,
+        memory: Memory = "steps",
+    ) -> MetaGradient:
+        """Run a per-task algorithm over a meta-batch: the mean of its results.
 
-    def footprint(
-        self, params: Params, data: TaskData, stacked: bool, method: Method
-    ) -> TaskFootprint:
-        """:func:`~torch_maml.batching.estimate_task_bytes` of one task, once per shape.
+        ``algorithm(ops, w, task_data)`` computes one task's
+        :class:`~torch_maml.MetaGradient` with the operations of ``ops`` (see
+        :mod:`torch_maml.ops`); it may be handed tensors with a leading task
+        dimension, and must then reduce them only through ``ops``. The tasks run one
+        by one or vectorised, in chunks, and compiled, as the optimizer was set up.
 
         Args:
-            params: ``w``.
-            data: one task's data, or several tasks' stacked (``stacked``): their first
-                task is measured.
-            stacked: whether ``data`` has a leading task dimension.
-            method: how the meta gradient will be computed.
-        """
-        batches = (data.inner[0] if data.inner else None, data.outer)
-        key = (method, len(data.inner), stacked, _signature(batches))
-        if key not in self._footprints:
-            sample = take(data, 0) if stacked else data
-            self._footprints[key] = estimate_task_bytes(self.loss, params, sample, method)
-        return self._footprints[key]
+            algorithm: the per-task algorithm: a function or a method (the same
+                object every call, so that compiled code is reused).
+            params: ``w``, detached.
+            data: one :class:`~torch_maml.TaskData` per task, or all of them stacked
+                (:func:`~torch_maml.tasks.support_query_data` builds either).
+            memory: ``"unrolled"`` if the algorithm keeps the graph of the whole
+                unrolled loop (for the memory plan of ``"auto"`` chunks).
 
-    def loss_grad(self, params: Params, batch: Batch) -> tuple[Params, Any]:
+        Returns:
+            The mean gradient and loss over the tasks, with the counts summed.
+        """
+        return self.executor.map_tasks(algorithm, params, data, memory=memory)
+
+    def ops(self, batched: bool = False) -> Ops:
+        """The operations for one task (or vectorised over a leading task dimension)."""
+        return self.executor.ops(batched)
+
+    def loss_grad(self, params: Params, batch: Batch) -> tuple[Params, Tensor]:
         """``(grad l(w; batch), l(w; batch))`` for one task."""
-        return loss_grad(self.loss, params, batch)
+        return self.ops().grad(params, batch)
 
     def adapt(
         self, params: Params, inner_batches: Sequence[Batch], counts: OracleCounts | None = None
     ) -> Params:
         """The adapted weights ``w_N`` of one task, detached, one step per inner batch."""
-        return adapt(self.loss, self.inner_loop, params, inner_batches, counts)
-
-
-def _signature(tree: Any) -> tuple[Any, ...]:
-    """Shapes, dtypes and devices of a pytree's tensors: what memory depends on."""
-    return tuple(
-        (leaf.shape, leaf.dtype, leaf.device) if isinstance(leaf, Tensor) else leaf
-        for leaf in tree_leaves(tree)
-    )
+        run = rollout(self.ops(), params, inner_batches)
+        if counts is not None:
+            counts.grad_evals += len(inner_batches)
+        return run.params

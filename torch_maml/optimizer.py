@@ -5,13 +5,15 @@ One meta iteration (Algorithm 1 line 11, Algorithm 2 line 9):
 .. math:: w_{k+1} = w_k - \beta_k \frac{1}{|B_k|}\sum_{i \in B_k} \hat G_i(w_k)
 
 where the estimator gives :math:`\hat G_i` and the step-size policy :math:`\beta_k`.
+The optimizer holds the choices and the state; the estimator and the execution
+layer (:mod:`torch_maml.execution`) compute, :mod:`torch_maml.distributed` averages
+over processes, :mod:`torch_maml.diagnosis` explains a NaN.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Generic, Literal, NamedTuple, TypeAlias
@@ -20,17 +22,25 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._model import ParamSelection, batch_statistics_only, select_parameters
-from ._validation import positive_int
-from .batching import ChunkSize, check_chunk_size
+from .checks import positive_int
+from .diagnosis import locate_nonfinite
+from .distributed import (
+    all_reduce_estimate,
+    all_reduce_mean,
+    all_reduce_probe,
+    broadcast_parameters,
+    process_group,
+)
 from .errors import NonFiniteError
-from .estimators import MetaGradient, MetaGradientEstimator
-from .functional import OracleCounts, TaskLoss, task_ops
-from .inner import InnerLoop, _Subset
+from .estimators import DrawsSamples, MetaGradient, MetaGradientEstimator
+from .execution import ChunkSize, check_chunk_size
+from .inner import InnerLoop, Masked
+from .model import ParamSelection, TaskLoss, batch_statistics_only, select_parameters
 from .objective import MetaObjective
-from .step_size import Setting, SmoothnessAdaptive, StepContext, StepSize, StepSizePolicy
+from .ops import OracleCounts
+from .smoothness import SmoothnessEstimate, estimate_smoothness
+from .step_size import Setting, StepContext, StepSize, StepSizePolicy
 from .tasks import Sampler, SupportQuery, Task, task_kind
-from .theory import SmoothnessEstimate, estimate_smoothness
 from .typing import BatchT, LossFn, ModelT, Params
 
 __all__ = ["MetaBackwardInfo", "MetaOptimizer", "MetaStepInfo", "NanPolicy", "ParamSelection"]
@@ -47,9 +57,9 @@ class MetaStepInfo(NamedTuple):
     beta: float
     """The outer step size ``beta_k`` used."""
     grad_evals: int
-    """Gradient evaluations this step, probe gradients included (SPEC section 6)."""
+    """Gradient evaluations this step, probe gradients included (Corollaries 6 and 10)."""
     hvp_evals: int
-    """Hessian-vector products this step (SPEC section 6)."""
+    """Hessian-vector products this step (Corollaries 6 and 10)."""
     lhat: float | None
     """The smoothness estimate ``Lhat(w_k)`` (eq. 14 / 22), if the policy computed one."""
     skipped: bool = False
@@ -85,11 +95,14 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
 
     .. math:: w_{k+1} = w_k - \beta_k \frac{1}{|B_k|}\sum_{i \in B_k} \hat G_i(w_k)
 
-    The meta parameters ``w`` are the model's parameters with ``requires_grad=True``;
-    the inner loop adapts all of them, or the selection ``adapted``. Other parameters
-    and buffers are used as they are. BatchNorm layers in training mode normalise
-    every batch (each task's, at each inner step) with its own statistics and leave
-    their running statistics unchanged; in eval mode they use the running statistics.
+    The meta parameters ``w`` are the model's parameters with ``requires_grad=True``
+    when the optimizer is built; the inner loop adapts all of them, or the selection
+    ``adapted``. Other parameters and buffers are used as they are. Freezing,
+    replacing or adding parameters afterwards is refused at the next step with an
+    error that says so (build a new optimizer for the new set of parameters).
+    BatchNorm layers in training mode normalise every batch (each task's, at each
+    inner step) with its own statistics and leave their running statistics
+    unchanged; in eval mode they use the running statistics.
 
     Args:
         model: the module whose parameters are meta-learned (updated in place).
@@ -97,8 +110,10 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             ``model`` itself, its parameters swapped for the adapted ones, so it may
             call the model or any of its submodules.
         inner_loop: the inner optimiser, e.g. :class:`~torch_maml.GradientDescent`.
-        estimator: the meta-gradient estimator: :class:`~torch_maml.Exact`,
-            :class:`~torch_maml.FiniteSum` or :class:`~torch_maml.Resampled`.
+        estimator: the meta-gradient estimator: the paper's :class:`~torch_maml.Exact`,
+            :class:`~torch_maml.FiniteSum` or :class:`~torch_maml.Resampled`, or
+            :class:`~torch_maml.FirstOrder`, :class:`~torch_maml.Reptile`,
+            :class:`~torch_maml.HessianFree`, :class:`~torch_maml.Implicit`, or your own.
         step_size: the outer step-size policy: :class:`~torch_maml.Constant` or
             :class:`~torch_maml.SmoothnessAdaptive`. Its ``lr`` is the initial
             ``param_groups[0]["lr"]``.
@@ -108,12 +123,13 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         task_chunk_size: how many tasks to vectorise at once when their batches
             stack: ``"auto"`` (default) bounds memory at four times the per-task
             loop's working set or 256 MiB more, whichever is larger (see
-            :mod:`torch_maml.batching`); a number caps the chunk; ``None`` takes all
+            :mod:`torch_maml.execution`); a number caps the chunk; ``None`` takes all
             tasks at once; 1 runs them one by one.
-        compile: compile the vectorised steps with ``torch.compile`` (``True``, or a
-            dict of its keyword arguments). The first steps pay the compilation (about
-            15 s on a 2-core CPU, independent of ``N``); if compilation fails, the
-            optimizer warns once (:class:`~torch_maml.CompileWarning`) and runs eagerly.
+        compile: compile each meta step's computation with ``torch.compile``
+            (``True``, or a dict of its keyword arguments). The first step of each
+            shape pays the compilation (tens of seconds; the docs' performance page
+            has measurements); if compilation fails, the optimizer warns once
+            (:class:`~torch_maml.CompileWarning`) and runs eagerly.
         adapted: the parameters the inner loop adapts (default: all trainable ones),
             as names or module prefixes (``["head"]`` selects ``head.weight`` and
             ``head.bias``) or a predicate on parameter names. The meta gradient
@@ -197,16 +213,22 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("'model' has no trainable parameters (none with requires_grad=True)")
-        if isinstance(step_size, SmoothnessAdaptive):
-            step_size.check(inner_loop, stacklevel=2)
         if nan_policy not in ("raise", "skip"):
             raise ValueError(f"'nan_policy' must be 'raise' or 'skip' (got {nan_policy!r})")
-        adapted_names = select_parameters(model, [name for name, _ in named], adapted)
-        self._group = _process_group(distributed)
+        names = [name for name, _ in named]
+        adapted_names = select_parameters(model, names, adapted)
+        inner: InnerLoop = inner_loop
+        if len(adapted_names) < len(names):
+            inner = Masked(inner_loop, adapted_names)
+        for component in (estimator, step_size):  # what each needs of the inner loop
+            check = getattr(component, "check", None)
+            if callable(check):
+                check(inner, stacklevel=2) if component is step_size else check(inner)
+        self._group = process_group(distributed)
 
         # Plain tensors, not (name, tensor) pairs: named param groups need torch >= 2.5.
         super().__init__([p for _, p in named], {"lr": step_size.lr})
-        self._param_names = [name for name, _ in named]
+        self._param_names = names
         self.model = model
         self.inner_loop = inner_loop
         self.estimator = estimator
@@ -214,11 +236,8 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         self.adapted = adapted_names
         """The names of the parameters the inner loop adapts."""
         self.nan_policy: NanPolicy = nan_policy
-        inner: InnerLoop = inner_loop
-        if len(adapted_names) < len(named):
-            inner = _Subset(inner_loop, adapted_names)
         self.objective = MetaObjective(
-            TaskLoss(model, loss_fn, [n for n, _ in named]),
+            TaskLoss(model, loss_fn, names),
             inner,
             task_chunk_size=task_chunk_size,
             compile=compile,
@@ -234,7 +253,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         self.loss_fn = loss_fn
         self._step_size_state: dict[str, Any] = {}
         if self._group is not None:
-            _broadcast_parameters([p for _, p in named], self._group)
+            broadcast_parameters([p for _, p in named], self._group)
 
     # torch.optim.Optimizer.step takes an optional loss closure; a meta step needs a
     # meta-batch instead, and returns what it did. No signature can be both (the
@@ -249,8 +268,10 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
     ) -> MetaStepInfo:
         r"""One meta iteration: ``w_{k+1} = w_k - beta_k * mean_i G_i(w_k)``.
 
-        Does not read or write ``p.grad``. If anything fails (bad input, a NaN),
-        the model's parameters and the optimizer's state are left as they were.
+        Does not read or write ``p.grad``. The new weights are computed and checked
+        before any is written: if anything fails (bad input, a NaN or Inf anywhere,
+        the new weights included), the model's parameters and the optimizer's state
+        are left as they were.
 
         Args:
             tasks: the meta-batch ``B_k``: SupportQuery tasks or samplers, one kind.
@@ -261,14 +282,15 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             :class:`MetaStepInfo`: loss, beta, grad_evals, hvp_evals, lhat, skipped.
 
         Raises:
-            NonFiniteError: the loss, the meta gradient or the step size is NaN or Inf
-                (with ``nan_policy="raise"``).
+            NonFiniteError: the loss, the meta gradient, the step size or the new
+                weights are NaN or Inf (with ``nan_policy="raise"``).
         """
         self._reject_closure(tasks)
         setting = self._setting(tasks, "tasks")
         if probe_tasks is not None and self._setting(probe_tasks, "probe_tasks") != setting:
             raise TypeError("'probe_tasks' must be of the same kind as 'tasks'")
-        with self._restoring_generator_on_error(), batch_statistics_only(self.model):
+        self._check_model()
+        with _RestoreGenerator(self.generator), batch_statistics_only(self.model):
             params = self.objective.loss.params()
             result, finite = self._meta_gradient(params, tasks)
             probe_counts = OracleCounts()
@@ -278,7 +300,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             context = StepContext(
                 lr=float(self.param_groups[0]["lr"]),
                 step=self.meta_steps,
-                inner_loop=self.inner_loop,
+                inner_loop=self.objective.inner_loop,
                 setting=setting,
                 probe_grad_norm=lambda size: self._probe_grad_norm(
                     params, probes, size, probe_counts
@@ -294,9 +316,18 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
                 return self._skipped(result, probe_counts)
             if not self._check_step_size(size):
                 return self._skipped(result, probe_counts)
+            new = {name: p - size.beta * result.grads[name] for name, p in params.items()}
+            if not _finite(new):
+                if self.nan_policy == "skip":
+                    return self._skipped(result, probe_counts)
+                raise NonFiniteError(
+                    f"the meta step with beta={size.beta:g} produced non-finite weights "
+                    "(the update overflowed); no weights were changed. Lower the outer step "
+                    "size, or check the data."
+                )
             with torch.no_grad():
                 for name, p in self._named_params():
-                    p.add_(result.grads[name], alpha=-size.beta)
+                    p.copy_(new[name])
         self.meta_steps += 1
         self._step_size_state = context.state
         return MetaStepInfo(
@@ -330,7 +361,8 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         """
         self._reject_closure(tasks)
         self._setting(tasks, "tasks")
-        with self._restoring_generator_on_error(), batch_statistics_only(self.model):
+        self._check_model()
+        with _RestoreGenerator(self.generator), batch_statistics_only(self.model):
             result, finite = self._meta_gradient(self.objective.loss.params(), tasks)
         if not finite:
             self.skipped_steps += 1
@@ -362,7 +394,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             steps: number of inner steps (default: ``inner_loop.steps``); more steps
                 at test time than in training is common.
             inner_size: samples per step for a sampler (default: the estimator's
-                ``inner_size``).
+                ``sample_sizes.inner``).
             generator: generator for a sampler's draws (default: the optimizer's).
 
         Returns:
@@ -373,16 +405,13 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
                 "'task' must be a SupportQuery or have a sample(size, generator) method "
                 f"(got an object of type {type(task).__name__})"
             )
+        self._check_model()
         count = self.inner_loop.steps if steps is None else positive_int("steps", steps)
         if isinstance(task, SupportQuery):
             batches = [task.support] * count
         else:
-            size = (
-                inner_size
-                if inner_size is not None
-                else getattr(self.estimator, "inner_size", None)
-            )
-            if not isinstance(size, int) or isinstance(size, bool):
+            size = inner_size if inner_size is not None else self._sample_size("inner")
+            if size is None:
                 raise ValueError(
                     "adapting to a sampler task needs 'inner_size' (the estimator has none)"
                 )
@@ -445,8 +474,6 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         """
         return copy.deepcopy(self._step_size_state)
 
-    # ------------------------------------------------------------------ internals
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refused after construction: the meta parameters are the model's, in one group.
 
@@ -460,6 +487,8 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             )
         super().add_param_group(param_group)
 
+    # ------------------------------------------------------------------ internals
+
     def _named_params(self) -> list[tuple[str, nn.Parameter]]:
         return list(zip(self._param_names, self.param_groups[0]["params"], strict=True))
 
@@ -471,6 +500,33 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             "step_size": _describe_component(self.step_size),
             "adapted": list(self.adapted),
         }
+
+    def _check_model(self) -> None:
+        """Refuse parameters frozen, replaced or added since the optimizer was built."""
+        current = dict(self.model.named_parameters())
+        for name, p in self._named_params():
+            now = current.get(name)
+            if now is not p:
+                raise ValueError(
+                    f"the model's parameter {name!r} was replaced since the MetaOptimizer was "
+                    "built (load_state_dict(..., assign=True), or a new nn.Parameter), so its "
+                    "updates would not reach the model; build the MetaOptimizer after "
+                    "replacing parameters. No weights were changed"
+                )
+            if not p.requires_grad:
+                raise ValueError(
+                    f"the model's parameter {name!r} was frozen (requires_grad=False) since "
+                    "the MetaOptimizer was built; build a new MetaOptimizer for the new set "
+                    "of trainable parameters. No weights were changed"
+                )
+        known = set(self._param_names)
+        added = [name for name, p in current.items() if p.requires_grad and name not in known]
+        if added:
+            raise ValueError(
+                f"the model has trainable parameters {added} that it did not have when the "
+                "MetaOptimizer was built; build a new MetaOptimizer to meta-learn them, or "
+                "freeze them (requires_grad_(False)). No weights were changed"
+            )
 
     @staticmethod
     def _reject_closure(tasks: object) -> None:
@@ -484,54 +540,36 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
     def _setting(tasks: object, name: str) -> Setting:
         return "finite-sum" if task_kind(tasks, name) == "support-query" else "resampling"
 
-    def _restoring_generator_on_error(self) -> _RestoreGenerator:
-        return _RestoreGenerator(self.generator)
+    def _sample_size(self, term: Literal["inner", "outer"]) -> int | None:
+        if not isinstance(self.estimator, DrawsSamples):
+            return None
+        size: int | None = getattr(self.estimator.sample_sizes, term)
+        return size
 
     def _meta_gradient(
         self, params: Params, tasks: Sequence[Task[BatchT]]
     ) -> tuple[MetaGradient, bool]:
-        """The estimator's result (averaged over the process group), and whether finite."""
+        """The estimator's result, averaged over the process group, and whether finite.
+
+        Raises:
+            NonFiniteError: a NaN or Inf, with ``nan_policy="raise"``.
+        """
         result = self.estimator.meta_gradient(self.objective, params, tasks, self.generator)
         if self._group is not None:
-            result = _all_reduce_mean(result, len(tasks), self._group)
-        values = [result.loss.reshape(1)] + [g.reshape(-1) for g in result.grads.values()]
-        if bool(torch.isfinite(torch.cat(values)).all()):
+            result = all_reduce_mean(result, len(tasks), self._group)
+        if _finite({"loss": result.loss, **result.grads}):
             return result, True
         if self.nan_policy == "skip":
             return result, False
         what = "outer loss" if not bool(torch.isfinite(result.loss)) else "meta gradient"
-        where = self._locate_nonfinite(params, tasks)
+        where = locate_nonfinite(self.objective, params, tasks)
+        if not where and self._group is not None:
+            where = "another process's tasks"
         raise NonFiniteError(
             f"the meta step produced a non-finite {what} (loss={result.loss.item():.6g})"
             f"{'; it first appears in ' + where if where else ''}; no weights were changed. "
             "Lower the inner or outer step size, or check the data."
         )
-
-    def _locate_nonfinite(self, params: Params, tasks: Sequence[Task[BatchT]]) -> str:
-        """Where a NaN or Inf first appears, replaying support/query tasks one by one."""
-        if not all(isinstance(task, SupportQuery) for task in tasks):
-            return ""  # a sampler's draws cannot be replayed
-        ops = task_ops(self.objective.loss, self.objective.inner_loop)
-
-        def finite(grads: Params) -> bool:
-            return all(bool(torch.isfinite(g).all()) for g in grads.values())
-
-        for i, task in enumerate(tasks):
-            assert isinstance(task, SupportQuery)
-            w, state = params, self.objective.inner_loop.init(params)
-            for j in range(self.objective.inner_loop.steps):
-                grads, value = ops.loss_grad(w, task.support)
-                if not bool(torch.isfinite(value)):
-                    return f"the support loss at inner step {j} of task {i} ({value.item():.6g})"
-                if not finite(grads):
-                    return f"the support-loss gradient at inner step {j} of task {i}"
-                w, state = ops.step(w, state, task.support)
-            grads, value = ops.loss_grad(w, task.query)
-            if not bool(torch.isfinite(value)):
-                return f"the query loss of task {i} ({value.item():.6g})"
-            if not finite(grads):
-                return f"the query-loss gradient of task {i}"
-        return "another process's tasks" if self._group is not None else ""
 
     def _probe_grad_norm(
         self,
@@ -545,10 +583,8 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             if isinstance(task, SupportQuery):
                 batch = task.query
             else:
-                probe_size = (
-                    size if size is not None else getattr(self.estimator, "outer_size", None)
-                )
-                if not isinstance(probe_size, int) or isinstance(probe_size, bool):
+                probe_size = size if size is not None else self._sample_size("outer")
+                if probe_size is None:
                     raise ValueError(
                         "measuring probe gradients on sampler tasks needs a 'probe_size' "
                         "(the estimator has no outer_size)"
@@ -557,14 +593,12 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             grads, _ = self.objective.loss_grad(params, batch)
             counts.grad_evals += 1
             norms.append(torch.cat([g.reshape(-1) for g in grads.values()]).norm())
-        total = torch.stack(norms).sum().to(torch.float64)
-        if self._group is None:
-            mean = float(total / len(norms))
-        else:
-            summed = torch.stack([total, torch.tensor(len(norms), dtype=torch.float64).to(total)])
-            dist.all_reduce(summed, group=self._group)
-            counts.grad_evals += int(summed[1].item()) - len(norms)  # every process's probes
-            mean = float(summed[0] / summed[1])
+        total = float(torch.stack(norms).sum().to(torch.float64))
+        count = len(norms)
+        if self._group is not None:
+            total, count = all_reduce_probe(total, count, self._group)
+            counts.grad_evals += count - len(norms)  # every process's probes
+        mean = total / count
         if math.isfinite(mean):
             return mean
         if self.nan_policy == "skip":
@@ -587,7 +621,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             **options,
         )
         if self._group is not None:
-            estimate = _all_reduce_estimate(estimate, len(tasks), self._group)
+            estimate = all_reduce_estimate(estimate, len(tasks), self._group)
         counts.grad_evals += estimate.grad_evals
         counts.hvp_evals += estimate.hvp_evals
         return estimate
@@ -612,6 +646,12 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         return True
 
 
+def _finite(tensors: Mapping[str, Tensor]) -> bool:
+    """Whether every tensor is finite (one host sync for all of them)."""
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors.values()])
+    return bool(torch.isfinite(flat).all())
+
+
 class _SkipStepError(Exception):
     """Raised inside a step-size policy's probe to skip the step (``nan_policy="skip"``)."""
 
@@ -629,78 +669,3 @@ class _RestoreGenerator:
     def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
         if exc_type is not None:
             self._generator.set_state(self._state)
-
-
-def _process_group(distributed: bool | dist.ProcessGroup) -> dist.ProcessGroup | None:
-    """The process group to average over, checked; None when not distributed."""
-    if distributed is False:
-        return None
-    if distributed is not True and not isinstance(distributed, dist.ProcessGroup):
-        raise TypeError(
-            "'distributed' must be a bool or a torch.distributed.ProcessGroup "
-            f"(got an object of type {type(distributed).__name__})"
-        )
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(
-            "'distributed' needs torch.distributed to be initialised first "
-            "(torch.distributed.init_process_group)"
-        )
-    group = dist.group.WORLD if distributed is True else distributed
-    assert group is not None
-    return group
-
-
-def _broadcast_parameters(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:
-    """Give every process of ``group`` the parameters of its first rank."""
-    source = dist.get_global_rank(group, 0)
-    with torch.no_grad():
-        for p in params:
-            dist.broadcast(p.data, src=source, group=group)
-
-
-def _all_reduce_estimate(
-    estimate: SmoothnessEstimate, count: int, group: dist.ProcessGroup
-) -> SmoothnessEstimate:
-    """Every process's estimate combined: maxima of L, rho, b_max; the mean of b; sums."""
-    largest = torch.tensor([estimate.L, estimate.rho, estimate.b_max or 0.0], dtype=torch.float64)
-    summed = torch.tensor(
-        [(estimate.b or 0.0) * count, count, estimate.grad_evals, estimate.hvp_evals],
-        dtype=torch.float64,
-    )
-    dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
-    dist.all_reduce(summed, group=group)
-    has_b = estimate.b is not None
-    return estimate._replace(
-        L=float(largest[0]),
-        rho=float(largest[1]),
-        b=float(summed[0] / summed[1]) if has_b else None,
-        b_max=float(largest[2]) if has_b else None,
-        grad_evals=int(summed[2]),
-        hvp_evals=int(summed[3]),
-    )
-
-
-def _all_reduce_mean(result: MetaGradient, count: int, group: dist.ProcessGroup) -> MetaGradient:
-    """The mean over every process's tasks of a per-process mean over ``count`` tasks."""
-    grads = list(result.grads.values())
-    flat = torch.cat([g.reshape(-1) for g in grads] + [result.loss.reshape(1).to(grads[0])])
-    dist.all_reduce(flat.mul_(count), group=group)
-    totals = torch.tensor(
-        [count, result.grad_evals, result.hvp_evals], dtype=torch.float64, device=flat.device
-    )
-    dist.all_reduce(totals, group=group)
-    tasks, grad_evals, hvp_evals = (int(v) for v in totals.tolist())
-    flat = flat / tasks
-    offsets = [0]
-    for g in grads:
-        offsets.append(offsets[-1] + g.numel())
-    pieces = [flat[a:b] for a, b in itertools.pairwise(offsets)]
-    return MetaGradient(
-        grads={
-            name: piece.view_as(g)
-            for (name, g), piece in zip(result.grads.items(), pieces, strict=True)
-        },
-        loss=flat[-1].to(result.loss.dtype),
-        grad_evals=grad_evals,
-        hvp_evals=hvp_evals,
-    )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ._validation import positive_float
+from .checks import positive_float
 from .inner import InnerLoop
 from .typing import InnerState, Params
 
@@ -86,6 +86,10 @@ class Proximal:
     def steps(self) -> int:
         """The wrapped inner loop's number ``N`` of steps."""
         return self.inner_loop.steps
+
+    def proximal_lam(self) -> float:
+        """``lam`` (:class:`~torch_maml.inner.ProximalSteps`)."""
+        return self.lam
 
     def init(self, params: Params) -> InnerState:
         """``(anchor, inner_state)``: ``w_0 = params`` and the wrapped loop's initial state."""

@@ -1,4 +1,4 @@
-r"""Outer step sizes ``beta_k`` (SPEC section 4).
+r"""Outer step sizes ``beta_k`` (Theorems 5 and 9; ``docs/theory.md``).
 
 A :class:`StepSizePolicy` is called once per meta step with a :class:`StepContext`
 and returns a :class:`StepSize`. The context's ``lr`` is the optimizer's
@@ -14,17 +14,12 @@ from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from torch import nn
 
-from ._model import ParamSelection
-from ._validation import nonnegative_float, optional_positive_int, positive_float
-from .inner import GradientDescent, InnerLoop
+from .checks import nonnegative_float, optional_positive_int, positive_float
+from .formulas import check_inner_lr, smoothness_finite_sum, smoothness_resampling
+from .inner import GradientDescentSteps, InnerLoop
+from .model import ParamSelection
+from .smoothness import SmoothnessEstimate, estimate_smoothness
 from .tasks import Task
-from .theory import (
-    SmoothnessEstimate,
-    check_inner_lr,
-    estimate_smoothness,
-    smoothness_finite_sum,
-    smoothness_resampling,
-)
 from .typing import LossFn
 
 __all__ = [
@@ -153,11 +148,14 @@ class Constant:
 _ESTIMATE_OPTIONS = ("sample_size", "iterations", "tol", "restarts", "radius")
 
 
-def _needs_gradient_descent(inner_loop: object) -> str:
-    return (
-        "SmoothnessAdaptive needs a GradientDescent inner loop (eq. 14 and 22 are derived "
-        f"for plain gradient descent) (got {type(inner_loop).__name__})"
-    )
+def _descent(inner_loop: InnerLoop) -> GradientDescentSteps:
+    """The inner loop as gradient descent, or the TypeError saying that it must be."""
+    if not isinstance(inner_loop, GradientDescentSteps):
+        raise TypeError(
+            "SmoothnessAdaptive needs a GradientDescent inner loop (eq. 14 and 22 are "
+            f"derived for plain gradient descent) (got {type(inner_loop).__name__})"
+        )
+    return inner_loop
 
 
 @dataclass(frozen=True)
@@ -307,18 +305,17 @@ class SmoothnessAdaptive:
         """Check that ``inner_loop`` is gradient descent; warn if its lr breaks the bound.
 
         Raises:
-            TypeError: ``inner_loop`` is not :class:`~torch_maml.GradientDescent`.
+            TypeError: ``inner_loop`` is not gradient descent
+                (:class:`~torch_maml.inner.GradientDescentSteps`).
         """
-        if not isinstance(inner_loop, GradientDescent):
-            raise TypeError(_needs_gradient_descent(inner_loop))
-        if inner_loop.L != self.L:  # GradientDescent already warned for its own L
-            check_inner_lr(inner_loop.lr, inner_loop.steps, self.L, stacklevel=stacklevel + 1)
+        descent = _descent(inner_loop)
+        if getattr(inner_loop, "L", None) != self.L:  # GradientDescent warned for its own L
+            check_inner_lr(descent.descent_lr(), descent.steps, self.L, stacklevel=stacklevel + 1)
 
     def __call__(self, context: StepContext) -> StepSize:
         """``beta_k = lr / (c_beta * Lhat(w_k))``, with ``Lhat`` recorded."""
-        inner = context.inner_loop
-        if not isinstance(inner, GradientDescent):
-            raise TypeError(_needs_gradient_descent(inner))
+        inner = _descent(context.inner_loop)
+        alpha = inner.descent_lr()
         if self.every is not None and context.step > 0 and context.step % self.every == 0:
             estimate = context.estimate_smoothness(**self.estimate_options)
             context.state.update(L=estimate.L, rho=estimate.rho, b=estimate.b or 0.0)
@@ -332,7 +329,7 @@ class SmoothnessAdaptive:
                     f"place in eq. 14 for sampler tasks (got b={self.b})"
                 )
             lhat = smoothness_resampling(
-                alpha=inner.lr,
+                alpha=alpha,
                 L=L,
                 rho=rho,
                 steps=inner.steps,
@@ -340,7 +337,7 @@ class SmoothnessAdaptive:
             )
         else:
             lhat = smoothness_finite_sum(
-                alpha=inner.lr,
+                alpha=alpha,
                 L=L,
                 rho=rho,
                 steps=inner.steps,

@@ -1,34 +1,50 @@
 """Tasks: where the batches of each term of the meta gradient come from.
 
-Two kinds of task cover the paper's two settings (SPEC section 3):
+Two kinds of task cover the paper's two settings (the table of ``docs/theory.md``):
 
 * :class:`SupportQuery` (finite-sum, eq. 9-12): a fixed support set ``S_i`` for the
   inner steps and a fixed query set ``T_i`` for the outer loss.
 * any :class:`Sampler` (resampling, eq. 6-7): an object with
   ``sample(size, generator=None) -> batch`` that draws fresh data on every call.
 
-A meta-batch is a non-empty sequence of tasks of one kind.
+A meta-batch is a non-empty sequence of tasks of one kind. An estimator turns each
+task into a :class:`TaskData` (the batch of each inner step, of each step's
+Hessian, and of the outer loss); :func:`support_query_data` does it for
+SupportQuery tasks, keeping a :class:`StackedTasks` meta-batch stacked.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Generic, Literal, Protocol, TypeAlias, TypeVar, overload, runtime_checkable
+from typing import (
+    Generic,
+    Literal,
+    NamedTuple,
+    Protocol,
+    TypeAlias,
+    TypeVar,
+    overload,
+    runtime_checkable,
+)
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .typing import BatchT
+from .typing import Batch, BatchT
 
 __all__ = [
+    "MetaBatchData",
     "Sampler",
+    "StackedTaskData",
     "StackedTasks",
     "SupportQuery",
     "Task",
+    "TaskData",
     "TaskKind",
     "stack_batches",
+    "support_query_data",
     "task_kind",
 ]
 
@@ -233,3 +249,54 @@ def task_kind(tasks: object, name: str = "tasks") -> TaskKind:
             f"'{name}[{first_other}]' is a {kinds[first_other]} task"
         )
     return kinds[0]
+
+
+class TaskData(NamedTuple):
+    """The batches one task's meta gradient uses (or a chunk of tasks', stacked)."""
+
+    inner: Sequence[Batch]
+    """One batch per inner step, ``batch_0 .. batch_{N-1}``."""
+    hessian: Sequence[Batch]
+    """One batch per inner step for its Hessian, ``hess_0 .. hess_{N-1}``; empty: each
+    step's Hessian is taken on the step's own batch."""
+    outer: Batch
+    """The batch of the outer loss."""
+
+
+class StackedTaskData(NamedTuple):
+    """The data of several tasks with a leading task dimension on every tensor."""
+
+    data: TaskData
+    """The tasks' batches, stacked."""
+    tasks: int
+    """How many tasks (the size of the leading dimension)."""
+
+
+MetaBatchData: TypeAlias = Sequence[TaskData] | StackedTaskData
+"""A meta-batch's data: one :class:`TaskData` per task, or all of them stacked."""
+
+
+def support_query_data(tasks: Sequence[Task[BatchT]], steps: int) -> MetaBatchData:
+    """The finite-sum data of eq. 10-12: support set at every inner step, query outside.
+
+    Each step's Hessian is then taken on the support set, the step's own batch.
+
+    A :class:`StackedTasks` meta-batch stays stacked (nothing is copied).
+
+    Raises:
+        TypeError: the tasks are samplers.
+    """
+    if isinstance(tasks, StackedTasks):
+        support = [tasks.support] * steps
+        return StackedTaskData(TaskData(support, (), tasks.query), len(tasks))
+    if task_kind(tasks) != "support-query":
+        raise TypeError(
+            "these estimators need SupportQuery tasks (a support and a query set) for this "
+            "setting; 'tasks' holds samplers"
+        )
+    data = []
+    for task in tasks:
+        assert isinstance(task, SupportQuery)  # task_kind checked every task
+        support = [task.support] * steps
+        data.append(TaskData(support, (), task.query))
+    return data

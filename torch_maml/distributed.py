@@ -1,0 +1,108 @@
+"""Meta-batches sharded over the processes of ``torch.distributed``.
+
+Each process passes its own shard of the meta-batch; the reductions here combine the
+shards' results so that every process applies the update of the whole meta-batch.
+Means are weighted by each shard's number of tasks.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .ops import MetaGradient
+from .smoothness import SmoothnessEstimate
+
+__all__ = [
+    "all_reduce_estimate",
+    "all_reduce_mean",
+    "all_reduce_probe",
+    "broadcast_parameters",
+    "process_group",
+]
+
+
+def process_group(distributed: bool | dist.ProcessGroup) -> dist.ProcessGroup | None:
+    """The process group to average over, checked; None when not distributed."""
+    if distributed is False:
+        return None
+    if distributed is not True and not isinstance(distributed, dist.ProcessGroup):
+        raise TypeError(
+            "'distributed' must be a bool or a torch.distributed.ProcessGroup "
+            f"(got an object of type {type(distributed).__name__})"
+        )
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "'distributed' needs torch.distributed to be initialised first "
+            "(torch.distributed.init_process_group)"
+        )
+    group = dist.group.WORLD if distributed is True else distributed
+    if group is None:
+        raise ValueError("'distributed': torch.distributed has no default process group")
+    return group
+
+
+def broadcast_parameters(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:
+    """Give every process of ``group`` the parameters of its first rank."""
+    source = dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=source, group=group)
+
+
+def all_reduce_mean(result: MetaGradient, count: int, group: dist.ProcessGroup) -> MetaGradient:
+    """The mean over every process's tasks of a per-process mean over ``count`` tasks."""
+    grads = list(result.grads.values())
+    flat = torch.cat([g.reshape(-1) for g in grads] + [result.loss.reshape(1).to(grads[0])])
+    dist.all_reduce(flat.mul_(count), group=group)
+    totals = torch.tensor(
+        [count, result.grad_evals, result.hvp_evals], dtype=torch.float64, device=flat.device
+    )
+    dist.all_reduce(totals, group=group)
+    tasks, grad_evals, hvp_evals = (int(v) for v in totals.tolist())
+    flat = flat / tasks
+    offsets = [0]
+    for g in grads:
+        offsets.append(offsets[-1] + g.numel())
+    pieces = [flat[a:b] for a, b in itertools.pairwise(offsets)]
+    return MetaGradient(
+        grads={
+            name: piece.view_as(g)
+            for (name, g), piece in zip(result.grads.items(), pieces, strict=True)
+        },
+        loss=flat[-1].to(result.loss.dtype),
+        grad_evals=grad_evals,
+        hvp_evals=hvp_evals,
+    )
+
+
+def all_reduce_estimate(
+    estimate: SmoothnessEstimate, count: int, group: dist.ProcessGroup
+) -> SmoothnessEstimate:
+    """Every process's estimate combined: maxima of L, rho, b_max; the mean of b; sums."""
+    largest = torch.tensor([estimate.L, estimate.rho, estimate.b_max or 0.0], dtype=torch.float64)
+    summed = torch.tensor(
+        [(estimate.b or 0.0) * count, count, estimate.grad_evals, estimate.hvp_evals],
+        dtype=torch.float64,
+    )
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(summed, group=group)
+    has_b = estimate.b is not None
+    return estimate._replace(
+        L=float(largest[0]),
+        rho=float(largest[1]),
+        b=float(summed[0] / summed[1]) if has_b else None,
+        b_max=float(largest[2]) if has_b else None,
+        grad_evals=int(summed[2]),
+        hvp_evals=int(summed[3]),
+    )
+
+
+def all_reduce_probe(total: float, count: int, group: dist.ProcessGroup) -> tuple[float, int]:
+    """The sum of every process's probe-gradient norms, and of their numbers of probes."""
+    summed = torch.tensor([total, count], dtype=torch.float64)
+    dist.all_reduce(summed, group=group)
+    return float(summed[0]), int(summed[1])

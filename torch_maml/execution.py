@@ -1,0 +1,492 @@
+"""How a per-task algorithm runs over a meta-batch: the one place that decides.
+
+:class:`Executor` takes an algorithm written for one task (see :mod:`torch_maml.ops`)
+and a meta-batch's data, and returns the mean result. It decides, and nothing else
+does:
+
+* **stacking**: tasks whose batches have equal shapes are stacked along a leading
+  task dimension (a :class:`~torch_maml.StackedTasks` meta-batch already is);
+* **chunking**: how many tasks run at once (:func:`plan_chunks`), and whether each
+  inner step's graph is kept for the backward pass or recomputed, to bound memory;
+* **vectorising**: a chunk of several tasks runs once, vectorised (the loss
+  evaluated with ``torch.func.vmap``, derivatives by autograd); a chunk of one runs
+  on plain tensors. If a model cannot be vectorised (a forward pass that writes a
+  buffer in place, data-dependent Python control flow...), its tasks run one by one
+  from then on, after one :class:`~torch_maml.VectorizationWarning` with the reason;
+  an error that the one-by-one run raises too is raised as it is;
+* **compiling** (``compile=True``): each chunk's computation is one function compiled
+  by ``torch.compile``, cached per algorithm and shapes; if it does not compile, it
+  runs eagerly after one :class:`~torch_maml.CompileWarning`.
+
+Memory. ``"auto"`` chunks estimate, once per shape, the activation memory ``a`` one
+task's loss saves for backward and the adapted parameters' size ``p``
+(:func:`estimate_task_bytes`): a task's working set is ``lean = 3a + (N + 2) p``
+(one step's forward, backward and double-backward graphs, and the iterates) or
+``kept = (2N + 3) a + (N + 2) p`` (every step's graph, as autograd through the
+unrolled loop keeps). A chunk may use ``max(4 lean, 256 MiB)``: the whole meta-batch
+at once with every step's graph kept if that fits, else as many tasks as fit with
+steps recomputed. On the CPU, tasks of more than 1 MiB (activations and parameters)
+run one by one: they are compute-bound, and vectorising them only costs memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import types
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple, TypeAlias, TypeVar
+
+import torch
+from torch import Tensor
+
+from . import trees
+from .checks import positive_int
+from .errors import CompileWarning, VectorizationWarning
+from .inner import InnerLoop
+from .model import TaskLoss
+from .ops import MetaGradient, Ops
+from .tasks import MetaBatchData, StackedTaskData, TaskData, stack_batches
+from .typing import Batch, Params
+
+__all__ = [
+    "AUTO_CHUNK_BYTES",
+    "AUTO_CHUNK_FACTOR",
+    "AUTO_CPU_TASK_BYTES",
+    "Algorithm",
+    "ChunkPlan",
+    "ChunkSize",
+    "Executor",
+    "Memory",
+    "TaskFootprint",
+    "check_chunk_size",
+    "chunk_sizes",
+    "estimate_task_bytes",
+    "plan_chunks",
+    "stack_task_data",
+    "take",
+]
+
+Algorithm: TypeAlias = Callable[[Ops, Params, TaskData], MetaGradient]
+"""``(ops, w, data) -> MetaGradient``: a meta-gradient algorithm for one task."""
+
+ChunkSize: TypeAlias = int | Literal["auto"] | None
+"""Tasks vectorised at once: a number, ``"auto"`` (memory-bounded), or ``None`` (all)."""
+
+Memory: TypeAlias = Literal["steps", "unrolled"]
+"""What an algorithm keeps for its backward pass: step by step, or the unrolled loop."""
+
+AUTO_CHUNK_FACTOR = 4
+"""``"auto"`` lets a chunk use this many times the per-task working set..."""
+AUTO_CHUNK_BYTES = 256 * 2**20
+"""...or this many bytes, whichever is more."""
+AUTO_CPU_TASK_BYTES = 2**20
+"""On the CPU, tasks of more bytes than this (activations and parameters) run one by one."""
+
+
+def check_chunk_size(value: object) -> ChunkSize:
+    """Return ``value`` if it is a valid ``task_chunk_size``, else raise naming it."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, str):
+        raise ValueError(
+            f"'task_chunk_size' must be a positive int, 'auto' or None (got {value!r})"
+        )
+    return positive_int("task_chunk_size", value)
+
+
+# ---------------------------------------------------------------- stacking
+
+
+def take(data: TaskData, index: int | slice) -> TaskData:
+    """Task ``index`` (or a slice of tasks) of stacked task data.
+
+    A batch used at several positions is sliced once, and stays one object.
+    """
+    memo: dict[int, Batch] = {}
+
+    def one(batch: Batch) -> Batch:
+        if id(batch) not in memo:
+            memo[id(batch)] = trees.unflatten(
+                [leaf[index] for leaf in trees.leaves(batch)], trees.flatten(batch)[1]
+            )
+        return memo[id(batch)]
+
+    return TaskData([one(b) for b in data.inner], [one(b) for b in data.hessian], one(data.outer))
+
+
+def stack_task_data(items: Sequence[TaskData]) -> TaskData | None:
+    """The data of several tasks stacked along a new leading dimension, or None.
+
+    None when their batches differ in structure, shape, dtype or device. A batch
+    used at several positions (a support set at every inner step) is stacked once,
+    and stays one object.
+    """
+    memo: dict[tuple[int, ...], Batch | None] = {}
+
+    def column(batches: Sequence[Batch]) -> Batch | None:
+        key = tuple(id(batch) for batch in batches)
+        if key not in memo:
+            memo[key] = stack_batches(batches)
+        return memo[key]
+
+    first = items[0]
+    if any(
+        len(item.inner) != len(first.inner) or len(item.hessian) != len(first.hessian)
+        for item in items
+    ):
+        return None
+    inner = [column([item.inner[j] for item in items]) for j in range(len(first.inner))]
+    hessian = [column([item.hessian[j] for item in items]) for j in range(len(first.hessian))]
+    outer = column([item.outer for item in items])
+    if outer is None or any(batch is None for batch in (*inner, *hessian)):
+        return None
+    return TaskData(inner, hessian, outer)
+
+
+# ---------------------------------------------------------------- memory and chunks
+
+
+class TaskFootprint(NamedTuple):
+    """What one task's meta gradient costs in memory (estimates, in bytes)."""
+
+    activations: int
+    """Activation memory autograd saves for one loss evaluation (the largest batch)."""
+    parameters: int
+    """The meta parameters' size."""
+    lean: int
+    """The working set with one inner step's graph at a time: ``3a + (N + 2) p``."""
+    kept: int
+    """The working set with every inner step's graph kept: ``(2N + 3) a + (N + 2) p``."""
+    on_cpu: bool
+    """Whether the parameters live on the CPU."""
+
+
+def _saved_bytes(loss: TaskLoss, params: Params, batch: Batch) -> int:
+    """Bytes of the tensors autograd saves for one backward of ``l(w; batch)``."""
+    weights = trees.requiring_grad(params)
+    known = {t.data_ptr() for t in trees.leaves((weights, batch)) if isinstance(t, Tensor)}
+    total = 0
+
+    def pack(tensor: Tensor) -> Tensor:
+        nonlocal total
+        pointer = tensor.data_ptr()
+        if pointer not in known:
+            known.add(pointer)
+            total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss(weights, batch)
+    return total
+
+
+def estimate_task_bytes(loss: TaskLoss, params: Params, sample: TaskData) -> TaskFootprint:
+    """An estimate of the memory one task's meta gradient works in (see the module doc).
+
+    ``a`` is measured by one forward pass on the task's largest batch.
+    """
+    batches = {id(b): b for b in (*sample.inner[:1], *sample.hessian[:1], sample.outer)}
+    activations = max(_saved_bytes(loss, params, batch) for batch in batches.values())
+    parameters = sum(p.numel() * p.element_size() for p in params.values())
+    steps = len(sample.inner)
+    iterates = (steps + 2) * parameters
+    on_cpu = all(p.device.type == "cpu" for p in params.values())
+    return TaskFootprint(
+        activations,
+        parameters,
+        max(1, 3 * activations + iterates),
+        max(1, (2 * steps + 3) * activations + iterates),
+        on_cpu,
+    )
+
+
+class ChunkPlan(NamedTuple):
+    """How a meta-batch runs: the most tasks at once, and whether step graphs are kept."""
+
+    size: int
+    keep_graphs: bool
+
+
+def plan_chunks(
+    setting: ChunkSize, tasks: int, footprint: TaskFootprint, memory: Memory = "steps"
+) -> ChunkPlan:
+    """How many of ``tasks`` tasks to run at once, and whether to keep step graphs.
+
+    Args:
+        setting: a number (at most that many), None (all), or ``"auto"``.
+        tasks: the number of tasks in the meta-batch.
+        footprint: :func:`estimate_task_bytes` of one task.
+        memory: ``"unrolled"`` for algorithms that keep every step's graph anyway.
+    """
+    budget = max(AUTO_CHUNK_FACTOR * footprint.lean, AUTO_CHUNK_BYTES)
+    if setting == "auto":
+        per_task = footprint.activations + footprint.parameters
+        if tasks == 1 or (footprint.on_cpu and per_task > AUTO_CPU_TASK_BYTES):
+            size = 1
+        elif memory == "unrolled" or tasks * footprint.kept <= budget:
+            size = min(tasks, max(1, budget // footprint.kept))
+        else:
+            size = min(tasks, max(1, budget // footprint.lean))
+    else:
+        size = tasks if setting is None else min(setting, tasks)
+    return ChunkPlan(size, size * footprint.kept <= budget)
+
+
+def chunk_sizes(tasks: int, largest: int) -> list[int]:
+    """Split ``tasks`` into as few chunks of at most ``largest`` as possible, evenly.
+
+    Even chunks (25 tasks by 8: 7, 6, 6, 6) keep the number of distinct shapes, and
+    hence of compiled graphs, at two at most.
+    """
+    count = -(-tasks // largest)
+    base, extra = divmod(tasks, count)
+    return [base + 1] * extra + [base] * (count - extra)
+
+
+# ---------------------------------------------------------------- the executor
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+_ids = itertools.count()
+
+
+def _own_code(fn: F) -> F:
+    """A copy of ``fn`` with a code object of its own: dynamo keys its cache on code."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_ids)}")
+    copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    result: F = copy  # type: ignore[assignment]  # same signature, same behaviour
+    return result
+
+
+class Executor:
+    """Runs per-task algorithms over meta-batches (see the module docstring).
+
+    Args:
+        loss: the task loss.
+        inner_loop: the inner optimiser.
+        task_chunk_size: ``"auto"``, a number, or ``None`` (all tasks at once); 1 runs
+            tasks one by one.
+        compile: compile each chunk's computation with ``torch.compile``: ``True`` for
+            its defaults (``fullgraph=True``, ``dynamic=False``), or a dict of its
+            keyword arguments.
+    """
+
+    def __init__(
+        self,
+        loss: TaskLoss,
+        inner_loop: InnerLoop,
+        *,
+        task_chunk_size: ChunkSize = "auto",
+        compile: bool | Mapping[str, Any] = False,
+    ) -> None:
+        if not isinstance(compile, (bool, Mapping)):
+            raise TypeError(
+                "'compile' must be a bool or a dict of torch.compile options "
+                f"(got an object of type {type(compile).__name__})"
+            )
+        self.loss = loss
+        self.inner_loop = inner_loop
+        self.task_chunk_size = check_chunk_size(task_chunk_size)
+        self.compile = compile
+        self.vectorise = True
+        """False once a model failed to vectorise: its tasks then run one by one."""
+        self._footprints: dict[tuple[Any, ...], TaskFootprint] = {}
+        self._compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        self._compile_failed = False
+
+    def ops(self, batched: bool, keep_graphs: bool = False) -> Ops:
+        """The operations for one task, or vectorised over a leading task dimension."""
+        return Ops(self.loss, self.inner_loop, batched=batched, keep_graphs=keep_graphs)
+
+    def map_tasks(
+        self,
+        algorithm: Algorithm,
+        params: Params,
+        data: MetaBatchData,
+        *,
+        memory: Memory = "steps",
+    ) -> MetaGradient:
+        """The mean over tasks of ``algorithm(ops, w, task_data)``; counts summed.
+
+        Args:
+            algorithm: the per-task algorithm. Pass the same object every call (a
+                function or a method) so that compiled code is reused.
+            params: ``w``, detached.
+            data: one :class:`~torch_maml.TaskData` per task, or all stacked.
+            memory: ``"unrolled"`` if the algorithm keeps the whole unrolled graph
+                (for the memory plan).
+        """
+        chunks = self._chunks(params, data, memory)
+        total: MetaGradient | None = None
+        count = 0
+        for chunk, size, keep_graphs in chunks:
+            result = self._run(algorithm, params, chunk, size, keep_graphs)
+            total = result if total is None else _add(total, result)
+            count += size
+        assert total is not None  # a meta-batch holds at least one task
+        return total._replace(
+            grads={name: g / count for name, g in total.grads.items()}, loss=total.loss / count
+        )
+
+    # ------------------------------------------------------------ planning
+
+    def _chunks(
+        self, params: Params, data: MetaBatchData, memory: Memory
+    ) -> list[tuple[TaskData, int, bool]]:
+        """``(data, tasks, keep_graphs)`` per chunk, stacked where the tasks stack."""
+        if isinstance(data, StackedTaskData):
+            stacked, count = data.data, data.tasks
+        else:
+            count = len(data)
+            together = stack_task_data(data) if count > 1 else None
+            if together is None:  # one task, or tasks whose batches do not stack
+                return [
+                    (item, 1, self._plan(params, item, False, 1, memory).keep_graphs)
+                    for item in data
+                ]
+            stacked = together
+        plan = self._plan(params, stacked, True, count, memory)
+        if plan.size == count:
+            return [(stacked, count, plan.keep_graphs)]
+        chunks, begin = [], 0
+        for size in chunk_sizes(count, plan.size):
+            index: int | slice = begin if size == 1 else slice(begin, begin + size)
+            chunks.append((take(stacked, index), size, plan.keep_graphs))
+            begin += size
+        return chunks
+
+    def _plan(
+        self, params: Params, data: TaskData, stacked: bool, count: int, memory: Memory
+    ) -> ChunkPlan:
+        batches = (data.inner[0] if data.inner else None, data.outer)
+        key = (len(data.inner), stacked, _signature(batches), _signature(params))
+        if key not in self._footprints:
+            sample = take(data, 0) if stacked else data
+            self._footprints[key] = estimate_task_bytes(self.loss, params, sample)
+        return plan_chunks(self.task_chunk_size, count, self._footprints[key], memory)
+
+    # ------------------------------------------------------------ running
+
+    def _run(
+        self, algorithm: Algorithm, params: Params, data: TaskData, size: int, keep_graphs: bool
+    ) -> MetaGradient:
+        if size == 1 or not self.vectorise:
+            return self._one_by_one(algorithm, params, data, size, keep_graphs)
+        try:
+            return self._call(algorithm, params, data, size, keep_graphs)
+        except Warning:  # a warning the caller turned into an error is theirs
+            raise
+        except Exception as error:
+            result = self._one_by_one(algorithm, params, data, size, keep_graphs)
+            self.vectorise = False  # the error was vectorisation's own: tasks run one by one
+            reason = str(error).strip().splitlines()
+            warnings.warn(
+                "torch_maml could not vectorise this model's meta step over tasks "
+                f"({type(error).__name__}: {reason[0] if reason else ''}); its tasks run one "
+                "by one from now on, with the same results.",
+                VectorizationWarning,
+                stacklevel=4,
+            )
+            return result
+
+    def _one_by_one(
+        self, algorithm: Algorithm, params: Params, data: TaskData, size: int, keep_graphs: bool
+    ) -> MetaGradient:
+        if size == 1:
+            return self._call(algorithm, params, data, 1, keep_graphs)
+        results = [
+            self._call(algorithm, params, take(data, i), 1, keep_graphs) for i in range(size)
+        ]
+        total = results[0]
+        for result in results[1:]:
+            total = _add(total, result)
+        return total
+
+    def _call(
+        self, algorithm: Algorithm, params: Params, data: TaskData, size: int, keep_graphs: bool
+    ) -> MetaGradient:
+        """The sum over a chunk's tasks of the algorithm's results (counts summed)."""
+        batched = size > 1
+        run = self._compiled_run(algorithm, batched, keep_graphs)
+        if run is not None:
+            try:
+                with _tracing_autograd():
+                    return run(params, data, size)  # type: ignore[no-any-return]
+            except Warning:
+                raise
+            except Exception as compile_error:
+                result = self._summed(algorithm, params, data, size, keep_graphs)
+                self._compile_failed = True
+                reason = str(compile_error).strip().splitlines()
+                warnings.warn(
+                    "torch.compile could not compile this MetaOptimizer's meta step "
+                    f"({type(compile_error).__name__}: {reason[0] if reason else ''}); it "
+                    "runs eagerly from now on. Pass compile=False to skip compilation.",
+                    CompileWarning,
+                    stacklevel=5,
+                )
+                return result
+        return self._summed(algorithm, params, data, size, keep_graphs)
+
+    def _summed(
+        self, algorithm: Algorithm, params: Params, data: TaskData, size: int, keep_graphs: bool
+    ) -> MetaGradient:
+        batched = size > 1
+        ops = self.ops(batched, keep_graphs)
+        start = params
+        if batched:
+            start = {name: p.expand(size, *p.shape) for name, p in params.items()}
+        result = algorithm(ops, start, data)
+        if not batched:
+            return result
+        return MetaGradient(
+            {name: g.sum(0) for name, g in result.grads.items()},
+            result.loss.sum(0),
+            result.grad_evals * size,
+            result.hvp_evals * size,
+        )
+
+    def _compiled_run(
+        self, algorithm: Algorithm, batched: bool, keep_graphs: bool
+    ) -> Callable[..., Any] | None:
+        if self.compile is False or self._compile_failed:
+            return None
+        key = (algorithm, batched, keep_graphs)
+        if key not in self._compiled:
+            options = self.compile if isinstance(self.compile, Mapping) else {}
+            settings: dict[str, Any] = {"fullgraph": True, "dynamic": False, **options}
+
+            def run(params: Params, data: TaskData, size: int) -> MetaGradient:
+                return self._summed(algorithm, params, data, size, keep_graphs)
+
+            self._compiled[key] = torch.compile(_own_code(run), **settings)
+        return self._compiled[key]
+
+
+def _tracing_autograd() -> contextlib.AbstractContextManager[Any]:
+    """Dynamo configured to trace ``torch.autograd.grad`` into the graph (where it can)."""
+    config = torch._dynamo.config
+    if hasattr(config, "trace_autograd_ops"):
+        patched: contextlib.AbstractContextManager[Any] = config.patch(trace_autograd_ops=True)
+        return patched
+    return contextlib.nullcontext()
+
+
+def _add(a: MetaGradient, b: MetaGradient) -> MetaGradient:
+    return MetaGradient(
+        trees.add(a.grads, b.grads),
+        a.loss + b.loss,
+        a.grad_evals + b.grad_evals,
+        a.hvp_evals + b.hvp_evals,
+    )
+
+
+def _signature(tree: Any) -> tuple[Any, ...]:
+    """Shapes, dtypes and devices of a pytree's tensors: what memory depends on."""
+    return tuple(
+        (leaf.shape, leaf.dtype, leaf.device) if isinstance(leaf, Tensor) else leaf
+        for leaf in trees.leaves(tree)
+    )
+

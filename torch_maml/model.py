@@ -1,0 +1,207 @@
+"""The user's module as a function of its adapted parameters: ``l(w; batch)``.
+
+:class:`TaskLoss` evaluates ``loss_fn(model, batch)`` with some of the module's
+parameters replaced by other tensors (an inner-loop iterate, a vmapped batch of
+them), and puts the module's own parameters back afterwards, whatever happens.
+
+The replacement is made in each place a parameter is registered: a parameter
+tied between two layers, or a submodule reachable under two names, is replaced
+everywhere at once and restored everywhere exactly once. (``torch.func.functional_call``
+restores a submodule registered under two names twice, the second time with the
+replacement, and leaves it in the model.)
+
+Also here: which parameters are meta-learned and adapted (:func:`select_parameters`),
+and what a meta step does to BatchNorm layers (:func:`batch_statistics_only`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Collection, Iterator, Sequence
+from typing import Any, TypeAlias, cast
+
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .typing import Batch, LossFn, ModelT, Params
+
+__all__ = [
+    "ParamSelection",
+    "TaskLoss",
+    "batch_statistics_only",
+    "resolve_selection",
+    "select_parameters",
+    "unwrap_compiled",
+]
+
+ParamSelection: TypeAlias = Collection[str] | Callable[[str], bool]
+"""Which parameters the inner loop adapts: names or module prefixes, or a predicate on names."""
+
+Slot: TypeAlias = tuple[nn.Module, str]
+"""A place a parameter is registered: ``module._parameters[name]``."""
+
+
+def unwrap_compiled(model: ModelT) -> ModelT:
+    """The module that ``torch.compile(module)`` wrapped, or ``model`` itself.
+
+    Meta steps differentiate twice through the forward pass and swap weights in and
+    out of the module, which a dynamo-compiled module does not support; the
+    original module computes the same function eagerly (``compile=True`` of the
+    MetaOptimizer compiles whole meta steps instead).
+    """
+    original = getattr(model, "_orig_mod", None)
+    if isinstance(original, nn.Module) and type(model).__name__ == "OptimizedModule":
+        return cast(ModelT, original)  # the same module, not compiled
+    return model
+
+
+class TaskLoss:
+    """``l(w; batch)``: the user's loss closure as a function of the adapted weights.
+
+    ``loss_fn(model, batch)`` is called with the user's own module, the parameters
+    named in ``params`` replaced in every place they are registered; the other
+    parameters and the buffers are the module's own. The module is restored when
+    the call returns or raises.
+
+    Args:
+        model: the user's module.
+        loss_fn: ``loss_fn(model, batch) -> scalar Tensor``.
+        names: the names (as in ``model.named_parameters()``) of the meta parameters.
+    """
+
+    def __init__(self, model: ModelT, loss_fn: LossFn[ModelT, Any], names: Sequence[str]) -> None:
+        self.model: nn.Module = model
+        self.loss_fn: LossFn[Any, Any] = loss_fn
+        self.names = tuple(names)
+        self._slots = _parameter_slots(model, self.names)
+
+    def __call__(self, params: Params, batch: Batch) -> Tensor:
+        """The loss of ``batch`` at the weights ``params``, checked to be a real scalar."""
+        with self.swapped(params):
+            out = self.loss_fn(self.model, batch)
+        return _checked_loss(out)
+
+    @contextlib.contextmanager
+    def swapped(self, params: Params) -> Iterator[None]:
+        """The module with the parameters ``params`` in place of its own, restored after."""
+        saved: list[tuple[nn.Module, str, Any]] = []
+        try:
+            for name, value in params.items():
+                for module, attr in self._slots[name]:
+                    saved.append((module, attr, module._parameters[attr]))
+                    module._parameters[attr] = value  # type: ignore[assignment]  # a Tensor
+            yield
+        finally:
+            for module, attr, original in reversed(saved):
+                module._parameters[attr] = original
+
+    def params(self) -> Params:
+        """The current values of the meta parameters, detached: ``w_k``."""
+        named = dict(self.model.named_parameters())
+        return {name: named[name].detach() for name in self.names}
+
+
+def _checked_loss(out: object) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"'loss_fn' must return a scalar Tensor (got an object of type {type(out).__name__})"
+        )
+    if out.ndim != 0:
+        raise ValueError(
+            "'loss_fn' must return a scalar Tensor "
+            f"(got a Tensor of shape {tuple(out.shape)}); reduce it, e.g. with .mean()"
+        )
+    if not out.is_floating_point():
+        raise TypeError(f"'loss_fn' must return a floating point Tensor (got dtype {out.dtype})")
+    return out
+
+
+def _parameter_slots(model: nn.Module, names: Sequence[str]) -> dict[str, list[Slot]]:
+    """Every distinct place each named parameter is registered, by its name."""
+    named = dict(model.named_parameters())
+    places: dict[int, list[Slot]] = {}
+    seen: set[tuple[int, str]] = set()
+    for _, module in model.named_modules(remove_duplicate=False):
+        for attr, parameter in module._parameters.items():
+            if parameter is not None and (id(module), attr) not in seen:
+                seen.add((id(module), attr))
+                places.setdefault(id(parameter), []).append((module, attr))
+    return {name: places[id(named[name])] for name in names}
+
+
+@contextlib.contextmanager
+def batch_statistics_only(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers in training mode normalise with batch statistics, updating none.
+
+    In a meta step, a layer would otherwise fold every task's and every inner step's
+    statistics into its running ones (and, vectorised over tasks, fail to); with
+    ``track_running_stats`` off for the duration, each batch is normalised by its
+    own statistics, exactly as in training mode, and the buffers stay as they are.
+    """
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
+    ]
+    for layer in layers:
+        layer.track_running_stats = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.track_running_stats = True
+
+
+def resolve_selection(
+    selection: ParamSelection, names: Sequence[str], frozen: Collection[str] = ()
+) -> tuple[str, ...]:
+    """The names of ``names`` that ``selection`` picks, in the order of ``names``.
+
+    Args:
+        selection: parameter names or module prefixes, or a predicate on names.
+        names: the meta parameters' names.
+        frozen: names of parameters with ``requires_grad=False``, for the message
+            when an entry selects one of them.
+
+    Raises:
+        ValueError: an entry selects no name, or nothing is selected.
+    """
+    names = list(names)
+    if callable(selection):
+        chosen = tuple(name for name in names if selection(name))
+    else:
+
+        def selects(entry: str, name: str) -> bool:
+            return name == entry or name.startswith(entry + ".")
+
+        for entry in selection:
+            if not any(selects(entry, name) for name in names):
+                why = (
+                    "it is a parameter with requires_grad=False, which is never adapted"
+                    if any(selects(entry, name) for name in frozen)
+                    else f"the trainable parameters are {names}"
+                )
+                raise ValueError(f"'adapted' entry {entry!r} selects no trainable parameter: {why}")
+        chosen = tuple(name for name in names if any(selects(e, name) for e in selection))
+    if not chosen:
+        raise ValueError(
+            f"'adapted' selects no trainable parameter (the trainable ones are {names})"
+        )
+    return chosen
+
+
+def select_parameters(
+    model: nn.Module, trainable: Sequence[str], adapted: ParamSelection | None
+) -> tuple[str, ...]:
+    """The names of the trainable parameters that ``adapted`` selects (all if None)."""
+    if adapted is None:
+        return tuple(trainable)
+    if not callable(adapted) and (
+        isinstance(adapted, str) or not all(isinstance(e, str) for e in adapted)
+    ):
+        raise TypeError(
+            "'adapted' must be a collection of parameter names or module prefixes, or a "
+            f"predicate on names (got {adapted!r})"
+        )
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    return resolve_selection(adapted, trainable, frozen)
