@@ -35,7 +35,7 @@ import contextlib
 import itertools
 import types
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, TypeAlias, TypeVar
 
 import torch
@@ -43,29 +43,45 @@ from torch import Tensor
 
 from . import trees
 from .checks import positive_int
-from .errors import CompileWarning, VectorizationWarning
+from .errors import CaptureWarning, CompileWarning, VectorizationWarning
 from .inner import InnerLoop
 from .model import TaskLoss
 from .ops import MetaGradient, Ops
-from .tasks import MetaBatchData, StackedTaskData, TaskData, stack_batches
+from .tasks import (
+    MetaBatchData,
+    StackedTaskData,
+    StackedTasks,
+    SupportQuery,
+    Task,
+    TaskData,
+    stack_batches,
+)
 from .typing import Batch, Params
 
 __all__ = [
     "AUTO_CHUNK_BYTES",
     "AUTO_CHUNK_FACTOR",
     "AUTO_CPU_TASK_BYTES",
+    "CAPTURE_BOUND",
     "Algorithm",
+    "CaptureSetting",
     "ChunkPlan",
     "ChunkSize",
     "Executor",
+    "HostSyncError",
+    "Inputs",
     "Memory",
+    "StepCapture",
     "TaskFootprint",
+    "check_capture",
     "check_chunk_size",
     "chunk_sizes",
     "estimate_task_bytes",
+    "no_host_sync",
     "plan_chunks",
     "stack_task_data",
     "take",
+    "task_layout",
 ]
 
 Algorithm: TypeAlias = Callable[[Ops, Params, TaskData], MetaGradient]
@@ -490,3 +506,229 @@ def _signature(tree: Any) -> tuple[Any, ...]:
         for leaf in trees.leaves(tree)
     )
 
+
+
+# ---------------------------------------------------------------- capture (CUDA graphs)
+
+
+class HostSyncError(RuntimeError):
+    """A captured region made the host wait for the device (``Tensor.item`` and the like)."""
+
+
+_SYNCING_METHODS = (
+    "item",
+    "tolist",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+    "__complex__",
+    "__array__",
+    "cpu",
+    "numpy",
+    "nonzero",
+)
+
+
+@contextlib.contextmanager
+def no_host_sync() -> Iterator[None]:
+    """Inside, the tensor methods that make the host wait for the device raise.
+
+    ``Tensor.item``, ``tolist``, ``bool(t)``, ``float(t)``, ``int(t)``, ``cpu()``,
+    ``numpy()``, ``nonzero()`` and ``torch.cuda.synchronize`` raise
+    :class:`HostSyncError`, on any device: a function that runs under it without an
+    error makes none of these synchronisations, and so can be captured as a CUDA graph
+    (as far as Python can tell; a synchronising kernel called from C++ is not seen).
+    Used for the first warm-up of every capture, and by ``capture="check"``.
+    """
+    originals = {name: getattr(Tensor, name) for name in _SYNCING_METHODS}
+    synchronize = torch.cuda.synchronize
+
+    def refuse(name: str) -> Callable[..., Any]:
+        def refused(*args: Any, **kwargs: Any) -> Any:
+            raise HostSyncError(
+                f"Tensor.{name} makes the host wait for the device, which a captured meta "
+                "step cannot do"
+            )
+
+        return refused
+
+    try:
+        for name in _SYNCING_METHODS:
+            setattr(Tensor, name, refuse(name))
+        torch.cuda.synchronize = refuse("torch.cuda.synchronize")
+        yield
+    finally:
+        for name, method in originals.items():
+            setattr(Tensor, name, method)
+        torch.cuda.synchronize = synchronize
+
+
+CaptureSetting: TypeAlias = bool | Literal["auto", "check"]
+"""``"auto"``: capture where it applies; True: always (refuse otherwise); False: never;
+``"check"``: run eagerly, with host synchronisation forbidden as in a capture."""
+
+CAPTURE_BOUND = 8
+"""The most CUDA graphs one optimizer keeps, one per input signature (least recently used go)."""
+
+R = TypeVar("R")
+
+
+def check_capture(value: object) -> CaptureSetting:
+    """Return ``value`` if it is a valid ``capture`` setting, else raise naming it."""
+    if value in ("auto", "check") or isinstance(value, bool):
+        return value
+    raise ValueError(f"'capture' must be 'auto', True, False or 'check' (got {value!r})")
+
+
+class Inputs(NamedTuple):
+    """A step's inputs as tensors, for a capture: what to copy, and how to rebuild them."""
+
+    leaves: list[Tensor]
+    """Every tensor of the inputs, in order."""
+    rebuild: Callable[[list[Tensor]], Any]
+    """Builds inputs of the same structure around other tensors (the static copies)."""
+    key: tuple[Any, ...]
+    """What a captured graph depends on: shapes, dtypes, devices, parameter storage..."""
+
+
+def task_layout(tasks: Sequence[Task[Any]]) -> Inputs | None:
+    """The tensors of SupportQuery tasks, and how to rebuild the tasks around others.
+
+    None if a batch holds something other than tensors.
+    """
+    stacked = isinstance(tasks, StackedTasks)
+    if isinstance(tasks, StackedTasks):
+        pairs = [(tasks.support, tasks.query)]
+    else:
+        pairs = [(t.support, t.query) for t in tasks if isinstance(t, SupportQuery)]
+    batches = [batch for pair in pairs for batch in pair]
+    flat = [trees.flatten(batch) for batch in batches]
+    leaves = [leaf for batch_leaves, _ in flat for leaf in batch_leaves]
+    if not all(isinstance(leaf, Tensor) for leaf in leaves):
+        return None
+    specs = [spec for _, spec in flat]
+    sizes = [len(batch_leaves) for batch_leaves, _ in flat]
+
+    def rebuild(new: list[Tensor]) -> Any:
+        values, begin = [], 0
+        for spec, size in zip(specs, sizes, strict=True):
+            values.append(trees.unflatten(new[begin : begin + size], spec))
+            begin += size
+        if stacked:
+            return StackedTasks(values[0], values[1])
+        return [SupportQuery(s, q) for s, q in zip(values[::2], values[1::2], strict=True)]
+
+    key = (stacked, tuple(str(spec) for spec in specs), _signature(leaves))
+    return Inputs(leaves, rebuild, key)
+
+
+class _Graph(NamedTuple):
+    graph: Any  # torch.cuda.CUDAGraph
+    static: list[Tensor]
+    outputs: Any
+
+
+class StepCapture:
+    """CUDA graphs of a meta step's device work, one per input signature.
+
+    ``run(region, inputs, layout, reason)`` runs ``region(inputs, commit=True)``: eagerly,
+    or from a CUDA graph. A signature (``layout.key``) runs eagerly the first time it is
+    seen; the second time, the region is warmed up twice on a side stream (the first
+    time with :func:`no_host_sync`, and without committing anything) and captured, and
+    from then on each step copies its tensors into the graph's static inputs and
+    replays it. At most :data:`CAPTURE_BOUND` graphs are kept. Whatever prevents a
+    capture (``reason``, or an error while warming up or capturing) makes the step run
+    eagerly, after one :class:`~torch_maml.CaptureWarning` per reason; with
+    ``setting=True`` it is an error instead.
+
+    Args:
+        setting: ``"auto"``, True, False or ``"check"``.
+    """
+
+    def __init__(self, setting: CaptureSetting = "auto") -> None:
+        self.setting = check_capture(setting)
+        self._graphs: dict[tuple[Any, ...], _Graph] = {}
+        self._seen: set[tuple[Any, ...]] = set()
+        self._refused: set[tuple[Any, ...]] = set()
+        self._warned: set[str] = set()
+        self.captures = 0
+        """How many graphs were captured so far."""
+
+    @property
+    def graphs(self) -> int:
+        """How many graphs are kept now."""
+        return len(self._graphs)
+
+    def run(
+        self,
+        region: Callable[[Any, bool], R],
+        inputs: Any,
+        layout: Inputs | None,
+        reason: str | None,
+    ) -> R:
+        """``region(inputs, True)``, eagerly or replayed from a graph (see the class doc)."""
+        if self.setting is False:
+            return region(inputs, True)
+        if self.setting == "check":
+            with no_host_sync():
+                return region(inputs, True)
+        if reason is not None or layout is None:
+            why = reason or "the step has no capturable layout"
+            if self.setting is True:
+                raise ValueError(f"capture=True, but this step cannot be captured: {why}")
+            self._notice(why)
+            return region(inputs, True)
+        key = layout.key
+        entry = self._graphs.pop(key, None)
+        if entry is None:
+            if key in self._refused or key not in self._seen:
+                self._seen.add(key)
+                return region(inputs, True)
+            try:
+                entry = self._capture(region, layout)
+            except Warning:
+                raise
+            except Exception as error:
+                self._refused.add(key)
+                message = str(error).strip().splitlines()
+                why = f"{type(error).__name__}: {message[0] if message else ''}"
+                if self.setting is True:
+                    raise ValueError(f"capture=True, but capturing failed ({why})") from error
+                self._notice(why)
+                return region(inputs, True)
+        else:
+            for static, leaf in zip(entry.static, layout.leaves, strict=True):
+                static.copy_(leaf)
+        self._graphs[key] = entry  # most recently used last
+        while len(self._graphs) > CAPTURE_BOUND:
+            del self._graphs[next(iter(self._graphs))]
+        entry.graph.replay()
+        outputs: R = entry.outputs
+        return outputs
+
+    def _capture(self, region: Callable[[Any, bool], Any], layout: Inputs) -> _Graph:
+        static = [leaf.clone() for leaf in layout.leaves]
+        inputs = layout.rebuild(static)
+        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]  # torch's own stub
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            with no_host_sync():
+                region(inputs, False)
+            region(inputs, False)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = region(inputs, True)
+        self.captures += 1
+        return _Graph(graph, static, outputs)
+
+    def _notice(self, reason: str) -> None:
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(
+                f"this meta step runs eagerly, not as a CUDA graph: {reason}. "
+                "Pass capture=False to silence this.",
+                CaptureWarning,
+                stacklevel=4,
+            )

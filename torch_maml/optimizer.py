@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Generic, Literal, NamedTuple, TypeAlias
 
 import torch
@@ -33,7 +33,15 @@ from .distributed import (
 )
 from .errors import NonFiniteError
 from .estimators import DrawsSamples, MetaGradient, MetaGradientEstimator
-from .execution import ChunkSize, check_chunk_size
+from .execution import (
+    CaptureSetting,
+    ChunkSize,
+    Inputs,
+    StepCapture,
+    check_capture,
+    check_chunk_size,
+    task_layout,
+)
 from .inner import InnerLoop, Masked
 from .model import ParamSelection, TaskLoss, batch_statistics_only, select_parameters
 from .objective import MetaObjective
@@ -144,6 +152,15 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             group, before the update: each process passes its own shard of the
             meta-batch, and all keep the same weights (broadcast from the group's
             first rank when the optimizer is built). Needs an initialised process group.
+        capture: run each step's device work as a CUDA graph, replayed: ``"auto"``
+            (default) where it applies (CUDA parameters and SupportQuery tasks on the
+            same device, not distributed), ``True`` to refuse to run otherwise, ``False``
+            never, ``"check"`` to run eagerly with host synchronisation forbidden, as in
+            a capture (to find why a configuration of your own does not capture). A
+            graph is captured the second time a signature (the tasks' shapes, dtypes
+            and devices, the parameters' storage, the modules' training modes) is seen,
+            and at most :data:`~torch_maml.execution.CAPTURE_BOUND` are kept; see
+            the docs' execution page for what a replay does not see.
 
     References:
         C. Finn, P. Abbeel, S. Levine. *Model-Agnostic Meta-Learning for Fast
@@ -183,6 +200,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         adapted: ParamSelection | None = None,
         nan_policy: NanPolicy = "raise",
         distributed: bool | dist.ProcessGroup = False,
+        capture: CaptureSetting = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -210,6 +228,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
                 f"(got an object of type {type(generator).__name__})"
             )
         check_chunk_size(task_chunk_size)
+        check_capture(capture)
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("'model' has no trainable parameters (none with requires_grad=True)")
@@ -252,6 +271,9 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         """Steps and meta_backward calls skipped for a NaN or Inf (``nan_policy="skip"``)."""
         self.loss_fn = loss_fn
         self._step_size_state: dict[str, Any] = {}
+        self.cuda_graphs = StepCapture(capture)
+        """The CUDA graphs of captured steps (``capture``): how many, captured how often."""
+        self._beta_buffer: Tensor | None = None
         if self._group is not None:
             broadcast_parameters([p for _, p in named], self._group)
 
@@ -292,10 +314,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         self._check_model()
         with _RestoreGenerator(self.generator), batch_statistics_only(self.model):
             params = self.objective.loss.params()
-            result, finite = self._meta_gradient(params, tasks)
             probe_counts = OracleCounts()
-            if not finite:
-                return self._skipped(result, probe_counts)
             probes = probe_tasks if probe_tasks is not None else tasks
             context = StepContext(
                 lr=float(self.param_groups[0]["lr"]),
@@ -313,38 +332,33 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             try:
                 size = self.step_size(context)
             except _SkipStepError:
-                return self._skipped(result, probe_counts)
+                return self._skipped(None, probe_counts)
             if not self._check_step_size(size):
-                return self._skipped(result, probe_counts)
-            new = {name: p - size.beta * result.grads[name] for name, p in params.items()}
-            if not _finite(new):
-                if self.nan_policy == "skip":
-                    return self._skipped(result, probe_counts)
-                raise NonFiniteError(
-                    f"the meta step with beta={size.beta:g} produced non-finite weights "
-                    "(the update overflowed); no weights were changed. Lower the outer step "
-                    "size, or check the data."
-                )
-            with torch.no_grad():
-                for name, p in self._named_params():
-                    p.copy_(new[name])
+                return self._skipped(None, probe_counts)
+            self._beta(params).fill_(size.beta)
+            outcome = self._run(self._step_region, tasks)
+            if not self._accept(outcome, params, tasks, size.beta):
+                return self._skipped(outcome.result, probe_counts)
         self.meta_steps += 1
         self._step_size_state = context.state
+        result = outcome.result
         return MetaStepInfo(
-            loss=result.loss,
+            loss=result.loss.clone(),
             beta=size.beta,
             grad_evals=result.grad_evals + probe_counts.grad_evals,
             hvp_evals=result.hvp_evals + probe_counts.hvp_evals,
             lhat=size.lhat,
         )
 
-    def _skipped(self, result: MetaGradient, probe_counts: OracleCounts) -> MetaStepInfo:
+    def _skipped(self, result: MetaGradient | None, probe_counts: OracleCounts) -> MetaStepInfo:
+        """A step that changed nothing (``nan_policy="skip"``); its meta gradient, if any."""
         self.skipped_steps += 1
+        loss = result.loss.clone() if result is not None else torch.tensor(float("nan"))
         return MetaStepInfo(
-            loss=result.loss,
+            loss=loss,
             beta=0.0,
-            grad_evals=result.grad_evals + probe_counts.grad_evals,
-            hvp_evals=result.hvp_evals + probe_counts.hvp_evals,
+            grad_evals=(result.grad_evals if result else 0) + probe_counts.grad_evals,
+            hvp_evals=(result.hvp_evals if result else 0) + probe_counts.hvp_evals,
             lhat=None,
             skipped=True,
         )
@@ -363,17 +377,21 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         self._setting(tasks, "tasks")
         self._check_model()
         with _RestoreGenerator(self.generator), batch_statistics_only(self.model):
-            result, finite = self._meta_gradient(self.objective.loss.params(), tasks)
+            params = self.objective.loss.params()
+            outcome = self._run(self._backward_region, tasks)
+            finite = self._accept(outcome, params, tasks, None)
+        result = outcome.result
+        info = MetaBackwardInfo(result.loss.clone(), result.grad_evals, result.hvp_evals)
         if not finite:
             self.skipped_steps += 1
-            return MetaBackwardInfo(result.loss, result.grad_evals, result.hvp_evals, True)
+            return info._replace(skipped=True)
         with torch.no_grad():
             for name, p in self._named_params():
                 if p.grad is None:
                     p.grad = result.grads[name].clone()
                 else:
                     p.grad.add_(result.grads[name])
-        return MetaBackwardInfo(result.loss, result.grad_evals, result.hvp_evals)
+        return info
 
     def adapt(
         self,
@@ -546,30 +564,119 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         size: int | None = getattr(self.estimator.sample_sizes, term)
         return size
 
-    def _meta_gradient(
-        self, params: Params, tasks: Sequence[Task[BatchT]]
-    ) -> tuple[MetaGradient, bool]:
-        """The estimator's result, averaged over the process group, and whether finite.
+    def _step_region(self, tasks: Sequence[Task[BatchT]], commit: bool) -> _Outcome:
+        """The device work of a step: meta gradient, checks, and the masked update.
 
-        Raises:
-            NonFiniteError: a NaN or Inf, with ``nan_policy="raise"``.
+        No host synchronisation: it can be captured as a CUDA graph. The new weights
+        are written only if the loss, the meta gradient and the new weights are all
+        finite (``commit``: write them at all; warm-ups of a capture do not).
         """
-        result = self.estimator.meta_gradient(self.objective, params, tasks, self.generator)
+        params = self.objective.loss.params()
+        result = self._estimate(params, tasks, commit)
+        beta = self._beta(params)
+        new = {name: p - beta * result.grads[name] for name, p in params.items()}
+        flags = torch.stack(
+            [
+                _all_finite([result.loss]),
+                _all_finite(result.grads.values()),
+                _all_finite(new.values()),
+            ]
+        )
+        if commit:
+            ok = flags.all()
+            with torch.no_grad():
+                for name, p in self._named_params():
+                    p.copy_(torch.where(ok, new[name], p))
+        return _Outcome(result, flags)
+
+    def _backward_region(self, tasks: Sequence[Task[BatchT]], commit: bool) -> _Outcome:
+        """The device work of :meth:`meta_backward`: the meta gradient and its checks."""
+        result = self._estimate(self.objective.loss.params(), tasks, commit)
+        finite = [_all_finite([result.loss]), _all_finite(result.grads.values())]
+        return _Outcome(result, torch.stack([*finite, torch.ones_like(finite[0])]))
+
+    def _estimate(
+        self, params: Params, tasks: Sequence[Task[BatchT]], commit: bool
+    ) -> MetaGradient:
+        """The estimator's meta gradient, averaged over the process group if any."""
+        if commit:
+            result = self.estimator.meta_gradient(self.objective, params, tasks, self.generator)
+        else:  # a warm-up for a capture must draw nothing from the generator
+            state = self.generator.get_state()
+            result = self.estimator.meta_gradient(self.objective, params, tasks, self.generator)
+            if not torch.equal(state, self.generator.get_state()):
+                raise RuntimeError("the estimator draws from the generator in Python")
         if self._group is not None:
             result = all_reduce_mean(result, len(tasks), self._group)
-        if _finite({"loss": result.loss, **result.grads}):
-            return result, True
+        return result
+
+    def _run(
+        self,
+        region: Callable[[Sequence[Task[BatchT]], bool], _Outcome],
+        tasks: Sequence[Task[BatchT]],
+    ) -> _Outcome:
+        """``region(tasks)``, captured as a CUDA graph where that applies."""
+        setting = self.cuda_graphs.setting
+        on_cuda = self.param_groups[0]["params"][0].device.type == "cuda"
+        if setting is False or (setting == "auto" and not on_cuda):
+            return region(tasks, True)
+        layout, reason = self._layout(tasks)
+        return self.cuda_graphs.run(region, tasks, layout, reason)
+
+    def _layout(self, tasks: Sequence[Task[BatchT]]) -> tuple[Inputs | None, str | None]:
+        """How a step's tasks become a graph's static inputs, or why they cannot."""
+        params = [p for _, p in self._named_params()]
+        device = params[0].device
+        if device.type != "cuda" or any(p.device != device for p in params):
+            return None, f"the parameters are not all on one CUDA device (they are on {device})"
+        if self._group is not None:
+            return None, "a process group's all-reduce runs between the tasks and the update"
+        if task_kind(tasks) != "support-query":
+            return None, "sampler tasks draw their batches in Python at every step"
+        layout = task_layout(tasks)
+        if layout is None:
+            return None, "the tasks' batches hold something other than tensors"
+        if any(leaf.device != device for leaf in layout.leaves):
+            return None, f"the tasks' tensors are not all on {device}"
+        modes = tuple(m.training for m in self.model.modules())
+        pointers = tuple(p.data_ptr() for p in params)
+        return layout._replace(key=(*layout.key, modes, pointers)), None
+
+    def _accept(
+        self,
+        outcome: _Outcome,
+        params: Params,
+        tasks: Sequence[Task[BatchT]],
+        beta: float | None,
+    ) -> bool:
+        """Whether a region's result was finite (one host sync); else raise or skip."""
+        loss_ok, grads_ok, weights_ok = outcome.flags.tolist()
+        if loss_ok and grads_ok and weights_ok:
+            return True
         if self.nan_policy == "skip":
-            return result, False
-        what = "outer loss" if not bool(torch.isfinite(result.loss)) else "meta gradient"
-        where = locate_nonfinite(self.objective, params, tasks)
-        if not where and self._group is not None:
-            where = "another process's tasks"
+            return False
+        result = outcome.result
+        if not (loss_ok and grads_ok):
+            what = "outer loss" if not loss_ok else "meta gradient"
+            where = locate_nonfinite(self.objective, params, tasks)
+            if not where and self._group is not None:
+                where = "another process's tasks"
+            raise NonFiniteError(
+                f"the meta step produced a non-finite {what} (loss={result.loss.item():.6g})"
+                f"{'; it first appears in ' + where if where else ''}; no weights were "
+                "changed. Lower the inner or outer step size, or check the data."
+            )
         raise NonFiniteError(
-            f"the meta step produced a non-finite {what} (loss={result.loss.item():.6g})"
-            f"{'; it first appears in ' + where if where else ''}; no weights were changed. "
-            "Lower the inner or outer step size, or check the data."
+            f"the meta step with beta={beta:g} produced non-finite weights (the update "
+            "overflowed); no weights were changed. Lower the outer step size, or check the data."
         )
+
+    def _beta(self, params: Params) -> Tensor:
+        """The device buffer that holds this step's ``beta`` for the update."""
+        device = next(iter(params.values())).device
+        if self._beta_buffer is None or self._beta_buffer.device != device:
+            self._beta_buffer = torch.zeros((), dtype=torch.float64, device=device)
+        return self._beta_buffer
 
     def _probe_grad_norm(
         self,
@@ -646,10 +753,18 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         return True
 
 
-def _finite(tensors: Mapping[str, Tensor]) -> bool:
-    """Whether every tensor is finite (one host sync for all of them)."""
-    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors.values()])
-    return bool(torch.isfinite(flat).all())
+def _all_finite(tensors: Iterable[Tensor]) -> Tensor:
+    """Whether every element of ``tensors`` is finite, as a bool tensor (no host sync)."""
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+    return torch.isfinite(flat).all()
+
+
+class _Outcome(NamedTuple):
+    """What a step's device work produced: the meta gradient, and three bool flags."""
+
+    result: MetaGradient
+    flags: Tensor
+    """Finite: ``[loss, meta gradient, new weights]`` (the last is True for meta_backward)."""
 
 
 class _SkipStepError(Exception):
