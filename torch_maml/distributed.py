@@ -17,6 +17,7 @@ from .ops import MetaGradient
 from .smoothness import SmoothnessEstimate
 
 __all__ = [
+    "agree_on_step",
     "all_reduce_estimate",
     "all_reduce_mean",
     "all_reduce_probe",
@@ -53,6 +54,50 @@ def broadcast_parameters(params: list[nn.Parameter], group: dist.ProcessGroup) -
             dist.broadcast(p.data, src=source, group=group)
 
 
+def agree_on_step(calls: int, kind: str | None, group: dist.ProcessGroup) -> str:
+    """Check that every process is at the same step, and agree on the tasks' kind.
+
+    Args:
+        calls: how many steps and meta_backward calls this process has made.
+        kind: this process's kind of tasks, None if it holds no task this step, or
+            ``"failed"`` if its tasks are bad (it raises its own error after this).
+        group: the process group.
+
+    Returns:
+        The kind of tasks of the meta-batch (every process's that holds tasks).
+
+    Raises:
+        RuntimeError: the processes are at different steps (one skipped or failed a
+            step: the collectives would pair different steps), or hold tasks of
+            different kinds, or none holds a task. Every process raises it alike.
+    """
+    kinds = ("support-query", "sampler")
+    flags = [float(calls), -float(calls), float(kind == "failed")]
+    agreed = torch.tensor(flags + [float(kind == k) for k in kinds], dtype=torch.float64)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
+    latest, earliest = int(agreed[0]), -int(agreed[1])
+    if agreed[2] and kind != "failed":
+        raise RuntimeError(
+            "torch.distributed: another process's tasks were refused at this step (see its "
+            "error); no process changed its weights"
+        )
+    if latest != earliest:
+        raise RuntimeError(
+            "torch.distributed: the processes are at different meta steps (this one has "
+            f"made {calls} steps, others between {earliest} and {latest}); a process "
+            "skipped a step or failed one, so their collectives no longer pair up. Every "
+            "process must call step (or meta_backward) the same number of times"
+        )
+    present = [k for k, flag in zip(kinds, agreed[3:].tolist(), strict=True) if flag]
+    if len(present) != 1:
+        raise RuntimeError(
+            "torch.distributed: "
+            + ("no process holds a task this step" if not present else
+               "the processes hold tasks of different kinds (SupportQuery and samplers)")
+        )
+    return present[0]
+
+
 def all_reduce_mean(result: MetaGradient, count: int, group: dist.ProcessGroup) -> MetaGradient:
     """The mean over every process's tasks of a per-process mean over ``count`` tasks."""
     grads = list(result.grads.values())
@@ -80,9 +125,16 @@ def all_reduce_mean(result: MetaGradient, count: int, group: dist.ProcessGroup) 
 
 
 def all_reduce_estimate(
-    estimate: SmoothnessEstimate, count: int, group: dist.ProcessGroup
+    estimate: SmoothnessEstimate,
+    count: int,
+    group: dist.ProcessGroup,
+    has_b: bool | None = None,
 ) -> SmoothnessEstimate:
-    """Every process's estimate combined: maxima of L, rho, b_max; the mean of b; sums."""
+    """Every process's estimate combined: maxima of L, rho, b_max; the mean of b; sums.
+
+    ``has_b``: whether the meta-batch has a ``b`` (SupportQuery tasks); by default,
+    whether this process's estimate has one (a process with no task has none).
+    """
     largest = torch.tensor([estimate.L, estimate.rho, estimate.b_max or 0.0], dtype=torch.float64)
     summed = torch.tensor(
         [(estimate.b or 0.0) * count, count, estimate.grad_evals, estimate.hvp_evals],
@@ -90,7 +142,7 @@ def all_reduce_estimate(
     )
     dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
     dist.all_reduce(summed, group=group)
-    has_b = estimate.b is not None
+    has_b = estimate.b is not None if has_b is None else has_b
     return estimate._replace(
         L=float(largest[0]),
         rho=float(largest[1]),

@@ -61,6 +61,7 @@ from .tasks import (
     SupportQuery,
     Task,
     TaskData,
+    check_batch,
     support_query_data,
     task_kind,
 )
@@ -167,8 +168,10 @@ def _sizes(estimator: str, **sizes: int | None) -> list[int]:
     return given
 
 
-def _draws(task: Sampler[Any], size: int, count: int, generator: torch.Generator) -> list[Batch]:
-    return [task.sample(size, generator=generator) for _ in range(count)]
+def _draw(task: Sampler[Any], size: int, generator: torch.Generator, index: int) -> Batch:
+    batch = task.sample(size, generator=generator)
+    check_batch(batch, f"a sample of size {size} drawn from 'tasks[{index}]'")
+    return batch
 
 
 def _sampled(
@@ -196,10 +199,12 @@ def _sampled(
     else:
         inner, outer = _sizes(estimator, inner_size=inner_size, outer_size=outer_size)
     data = []
-    for task in _samplers(estimator, tasks):
-        inner_batches = _draws(task, inner, steps, generator)
-        hessians = _draws(task, hessian, steps, generator) if independent_hessians else ()
-        data.append(TaskData(inner_batches, hessians, task.sample(outer, generator=generator)))
+    for i, task in enumerate(_samplers(estimator, tasks)):
+        inner_batches = [_draw(task, inner, generator, i) for _ in range(steps)]
+        hessians = []
+        if independent_hessians:
+            hessians = [_draw(task, hessian, generator, i) for _ in range(steps)]
+        data.append(TaskData(inner_batches, hessians, _draw(task, outer, generator, i)))
     return data
 
 

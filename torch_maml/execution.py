@@ -40,6 +40,7 @@ from typing import Any, Literal, NamedTuple, TypeAlias, TypeVar
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import trees
 from .checks import positive_int
@@ -77,6 +78,7 @@ __all__ = [
     "check_chunk_size",
     "chunk_sizes",
     "estimate_task_bytes",
+    "math_attention",
     "no_host_sync",
     "plan_chunks",
     "stack_task_data",
@@ -193,7 +195,12 @@ def _saved_bytes(loss: TaskLoss, params: Params, batch: Batch) -> int:
             total += tensor.numel() * tensor.element_size()
         return tensor
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    devices = [t.device for t in weights.values() if t.device.type == "cuda"]
+    with (
+        torch.random.fork_rng(devices=devices),  # the probe draws nothing from the user's RNG
+        torch.enable_grad(),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
         loss(weights, batch)
     return total
 
@@ -428,12 +435,13 @@ class Executor:
         run = self._compiled_run(algorithm, batched, keep_graphs)
         if run is not None:
             try:
-                with _tracing_autograd():
+                with _tracing_autograd(), math_attention():
                     return run(params, data, size)  # type: ignore[no-any-return]
             except Warning:
                 raise
             except Exception as compile_error:
-                result = self._summed(algorithm, params, data, size, keep_graphs)
+                with math_attention():
+                    result = self._summed(algorithm, params, data, size, keep_graphs)
                 self._compile_failed = True
                 reason = str(compile_error).strip().splitlines()
                 warnings.warn(
@@ -444,7 +452,8 @@ class Executor:
                     stacklevel=5,
                 )
                 return result
-        return self._summed(algorithm, params, data, size, keep_graphs)
+        with math_attention():
+            return self._summed(algorithm, params, data, size, keep_graphs)
 
     def _summed(
         self, algorithm: Algorithm, params: Params, data: TaskData, size: int, keep_graphs: bool
@@ -479,6 +488,15 @@ class Executor:
 
             self._compiled[key] = torch.compile(_own_code(run), **settings)
         return self._compiled[key]
+
+
+def math_attention() -> contextlib.AbstractContextManager[Any]:
+    """Scaled dot-product attention by its math kernel, during meta-gradient work.
+
+    The fused kernels (flash, memory-efficient) have no double backward, which the
+    second-order estimators need, and no vmap rule; the math kernel has both.
+    """
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _tracing_autograd() -> contextlib.AbstractContextManager[Any]:

@@ -20,6 +20,7 @@ import contextlib
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any, TypeAlias, cast
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -29,7 +30,9 @@ __all__ = [
     "ParamSelection",
     "TaskLoss",
     "batch_statistics_only",
+    "meta_step_mode",
     "resolve_selection",
+    "restoring_buffers",
     "select_parameters",
     "unwrap_compiled",
 ]
@@ -127,6 +130,34 @@ def _parameter_slots(model: nn.Module, names: Sequence[str]) -> dict[str, list[S
                 seen.add((id(module), attr))
                 places.setdefault(id(parameter), []).append((module, attr))
     return {name: places[id(named[name])] for name in names}
+
+
+@contextlib.contextmanager
+def meta_step_mode(model: nn.Module) -> Iterator[None]:
+    """The model as a meta step sees it: batch statistics, and buffers restored after."""
+    with restoring_buffers(model), batch_statistics_only(model):
+        yield
+
+
+@contextlib.contextmanager
+def restoring_buffers(model: nn.Module) -> Iterator[None]:
+    """Every buffer written inside is put back as it was when the block ends.
+
+    A forward pass that writes a buffer in place (a call counter, a cache) sees its
+    writes during a meta step; the step ends with every buffer as it began, whichever
+    path ran it (one task at a time writes once per task, vectorised once per chunk).
+    No host synchronisation: a captured step restores its buffers on every replay.
+    """
+    buffers = [b for b in model.buffers() if b is not None]
+    versions = [b._version for b in buffers]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, version, value in zip(buffers, versions, saved, strict=True):
+                if buffer._version != version:
+                    buffer.copy_(value)
 
 
 @contextlib.contextmanager

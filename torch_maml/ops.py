@@ -30,7 +30,6 @@ from typing import Any, NamedTuple, TypeAlias
 import torch
 from torch import Tensor
 from torch.func import vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import trees
 from .inner import InnerLoop, adapted_names
@@ -197,7 +196,7 @@ class Ops:
         replays the random draws this step made (dropout), so that both agree.
         """
         if linearize and self.keep_graphs:
-            with torch.enable_grad(), _second_order():
+            with torch.enable_grad():
                 inputs = (trees.requiring_grad(params), trees.requiring_grad(state))
                 value, outputs = self._differentiable_step(*inputs, batch)
 
@@ -235,7 +234,7 @@ class Ops:
 
         For gradient descent, ``(v, ()) -> (v - alpha * H(w_j; batch) v, ())``.
         """
-        with torch.enable_grad(), _second_order():
+        with torch.enable_grad():
             inputs = (trees.requiring_grad(params), trees.requiring_grad(state))
             _, outputs = self._differentiable_step(*inputs, batch)
             result: Cotangent = _vjp(outputs, inputs, cotangent)
@@ -251,7 +250,7 @@ class Ops:
 
     def hvp(self, params: Params, batch: Batch, vector: Params) -> Params:
         """``H(w; batch) v``, the exact Hessian-vector product (reverse over reverse)."""
-        with torch.enable_grad(), _second_order():
+        with torch.enable_grad():
             weights = trees.requiring_grad(params)
             value = self._values(weights, batch)
             grads = self._loss_grads(value, weights, create_graph=True)
@@ -265,7 +264,7 @@ class Ops:
 
         The Hessian of each step is taken on the batch that moved the iterate.
         """
-        with torch.enable_grad(), _second_order():
+        with torch.enable_grad():
             start = trees.requiring_grad(params)
             weights, state = start, self.inner_loop.init(start)
             for batch in inner_batches:
@@ -328,11 +327,6 @@ def _vjp(outputs: Any, inputs: Any, cotangent: Any) -> Any:
         if g is not None:
             grads[i] = g
     return trees.rebuild(inputs, iter(grads))
-
-
-def _second_order() -> contextlib.AbstractContextManager[Any]:
-    """Attention by the math kernel, the one with a double backward."""
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 class _Randomness:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Generic, Literal, NamedTuple, TypeAlias
 
@@ -25,13 +26,14 @@ from torch import Tensor, nn
 from .checks import positive_int
 from .diagnosis import locate_nonfinite
 from .distributed import (
+    agree_on_step,
     all_reduce_estimate,
     all_reduce_mean,
     all_reduce_probe,
     broadcast_parameters,
     process_group,
 )
-from .errors import NonFiniteError
+from .errors import CompileWarning, NonFiniteError
 from .estimators import DrawsSamples, MetaGradient, MetaGradientEstimator
 from .execution import (
     CaptureSetting,
@@ -43,7 +45,14 @@ from .execution import (
     task_layout,
 )
 from .inner import InnerLoop, Masked
-from .model import ParamSelection, TaskLoss, batch_statistics_only, select_parameters
+from .model import (
+    ParamSelection,
+    TaskLoss,
+    meta_step_mode,
+    restoring_buffers,
+    select_parameters,
+    unwrap_compiled,
+)
 from .objective import MetaObjective
 from .ops import OracleCounts
 from .smoothness import SmoothnessEstimate, estimate_smoothness
@@ -85,6 +94,69 @@ class MetaBackwardInfo(NamedTuple):
     """Hessian-vector products made."""
     skipped: bool = False
     """Whether no gradient was added for a NaN or Inf (``nan_policy="skip"``)."""
+
+
+def _checked_state(state_dict: object, params: int) -> dict[str, Any]:
+    """The ``meta`` entry of a MetaOptimizer state dict, after checking every entry.
+
+    Raises:
+        ValueError: an entry is missing or of the wrong kind, named in the message.
+    """
+    if not isinstance(state_dict, dict):
+        raise ValueError(
+            "'state_dict' must be a dict from MetaOptimizer.state_dict() "
+            f"(got an object of type {type(state_dict).__name__})"
+        )
+    missing = [key for key in ("state", "param_groups", "meta") if key not in state_dict]
+    if missing:
+        raise ValueError(
+            f"'state_dict' must come from MetaOptimizer.state_dict() (it has no {missing} entry)"
+        )
+    meta = state_dict["meta"]
+    groups = state_dict["param_groups"]
+    if not isinstance(meta, dict):
+        raise ValueError("'state_dict[\"meta\"]' must be a dict")
+    missing = [
+        key
+        for key in ("meta_steps", "skipped_steps", "step_size_state", "generator", "config")
+        if key not in meta
+    ]
+    if missing:
+        raise ValueError(f"'state_dict[\"meta\"]' has no {missing} entry")
+    for key in ("meta_steps", "skipped_steps"):
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(
+                f"'state_dict[\"meta\"][\"{key}\"]' must be an int >= 0 (got {value!r})"
+            )
+    if not isinstance(meta["step_size_state"], dict) or not isinstance(meta["config"], dict):
+        raise ValueError(
+            "'state_dict[\"meta\"]': 'step_size_state' and 'config' must be dicts"
+        )
+    try:
+        torch.Generator().set_state(meta["generator"])
+    except (TypeError, RuntimeError) as error:
+        raise ValueError(
+            f"'state_dict[\"meta\"][\"generator\"]' is not a generator state ({error})"
+        ) from None
+    if (
+        not isinstance(groups, list)
+        or len(groups) != 1
+        or not isinstance(groups[0], dict)
+        or len(groups[0].get("params", ())) != params
+    ):
+        raise ValueError(
+            "'state_dict[\"param_groups\"]' must hold one group of "
+            f"{params} parameters, as this optimizer's"
+        )
+    lr = groups[0].get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
+        raise ValueError(
+            f"'state_dict[\"param_groups\"][0][\"lr\"]' must be a finite number (got {lr!r})"
+        )
+    if not isinstance(state_dict["state"], dict):
+        raise ValueError("'state_dict[\"state\"]' must be a dict")
+    return meta
 
 
 def _describe_component(component: object) -> str:
@@ -206,6 +278,16 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             raise TypeError(
                 f"'model' must be a torch.nn.Module (got an object of type {type(model).__name__})"
             )
+        if unwrap_compiled(model) is not model:
+            warnings.warn(
+                "'model' is a torch.compile()d module: meta steps differentiate twice "
+                "through its forward pass, which a compiled module does not support, so "
+                "they run its original module (the same weights); pass compile=True to "
+                "compile whole meta steps instead",
+                CompileWarning,
+                stacklevel=2,
+            )
+            model = unwrap_compiled(model)
         if not callable(loss_fn):
             raise TypeError(
                 "'loss_fn' must be callable as loss_fn(model, batch) "
@@ -271,6 +353,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         """Steps and meta_backward calls skipped for a NaN or Inf (``nan_policy="skip"``)."""
         self.loss_fn = loss_fn
         self._step_size_state: dict[str, Any] = {}
+        self._collective_calls = 0  # steps and meta_backward calls, checked across processes
         self.cuda_graphs = StepCapture(capture)
         """The CUDA graphs of captured steps (``capture``): how many, captured how often."""
         self._beta_buffer: Tensor | None = None
@@ -308,11 +391,11 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
                 weights are NaN or Inf (with ``nan_policy="raise"``).
         """
         self._reject_closure(tasks)
+        self._check_model()
         setting = self._setting(tasks, "tasks")
         if probe_tasks is not None and self._setting(probe_tasks, "probe_tasks") != setting:
             raise TypeError("'probe_tasks' must be of the same kind as 'tasks'")
-        self._check_model()
-        with _RestoreGenerator(self.generator), batch_statistics_only(self.model):
+        with _RestoreGenerator(self.generator), meta_step_mode(self.model):
             params = self.objective.loss.params()
             probe_counts = OracleCounts()
             probes = probe_tasks if probe_tasks is not None else tasks
@@ -326,7 +409,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
                 ),
                 state=copy.deepcopy(self._step_size_state),
                 estimate_smoothness=lambda **options: self._estimate_smoothness(
-                    probes, probe_counts, options
+                    probes, probe_counts, options, setting
                 ),
             )
             try:
@@ -374,9 +457,9 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             tasks: the meta-batch: SupportQuery tasks or samplers, one kind.
         """
         self._reject_closure(tasks)
-        self._setting(tasks, "tasks")
         self._check_model()
-        with _RestoreGenerator(self.generator), batch_statistics_only(self.model):
+        self._setting(tasks, "tasks")
+        with _RestoreGenerator(self.generator), meta_step_mode(self.model):
             params = self.objective.loss.params()
             outcome = self._run(self._backward_region, tasks)
             finite = self._accept(outcome, params, tasks, None)
@@ -436,7 +519,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             size = positive_int("inner_size", size)
             draw_from = self.generator if generator is None else generator
             batches = [task.sample(size, generator=draw_from) for _ in range(count)]
-        with batch_statistics_only(self.model):
+        with meta_step_mode(self.model):
             return self.objective.adapt(self.objective.loss.params(), batches)
 
     def state_dict(self) -> dict[str, Any]:
@@ -457,15 +540,16 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output, refusing one of another configuration.
 
+        Everything is checked before anything changes: a refused dict leaves the
+        optimizer (learning rate, step counts, generator) as it was.
+
         Raises:
-            ValueError: the dict was saved by a MetaOptimizer with other parameters
-                or other components (the message lists what differs).
+            ValueError: the dict is not a MetaOptimizer's state (an entry is missing or
+                of the wrong kind: the message names it), or was saved by a
+                MetaOptimizer with other parameters or components (the message lists
+                what differs).
         """
-        if not isinstance(state_dict, dict) or "meta" not in state_dict:
-            raise ValueError(
-                "'state_dict' must come from MetaOptimizer.state_dict() (it has no 'meta' entry)"
-            )
-        meta = state_dict["meta"]
+        meta = _checked_state(state_dict, len(self._param_names))
         saved, ours = meta["config"], self._config()
         differences = [
             f"{key}: saved {saved.get(key)!r}, this optimizer has {ours[key]!r}"
@@ -480,8 +564,8 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "meta"})
         self.generator.set_state(meta["generator"])
         self.meta_steps = int(meta["meta_steps"])
-        self.skipped_steps = int(meta.get("skipped_steps", 0))
-        self._step_size_state = copy.deepcopy(dict(meta.get("step_size_state", {})))
+        self.skipped_steps = int(meta["skipped_steps"])
+        self._step_size_state = copy.deepcopy(dict(meta["step_size_state"]))
 
     @property
     def step_size_state(self) -> dict[str, Any]:
@@ -554,9 +638,26 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
                 "(a sequence of SupportQuery tasks or samplers)"
             )
 
-    @staticmethod
-    def _setting(tasks: object, name: str) -> Setting:
-        return "finite-sum" if task_kind(tasks, name) == "support-query" else "resampling"
+    def _setting(self, tasks: object, name: str) -> Setting:
+        """The setting of a meta-batch; under torch.distributed, agreed by every process.
+
+        A process may hold no task (an empty shard): it contributes nothing to the mean.
+        """
+        kind: str
+        if self._group is None or name != "tasks":
+            kind = task_kind(tasks, name)
+        else:
+            empty = isinstance(tasks, Sequence) and not isinstance(tasks, (str, bytes)) and (
+                len(tasks) == 0
+            )
+            try:
+                mine = None if empty else task_kind(tasks, name)
+            except (TypeError, ValueError):
+                agree_on_step(self._collective_calls, "failed", self._group)  # others stop too
+                raise
+            kind = agree_on_step(self._collective_calls, mine, self._group)
+            self._collective_calls += 1
+        return "finite-sum" if kind == "support-query" else "resampling"
 
     def _sample_size(self, term: Literal["inner", "outer"]) -> int | None:
         if not isinstance(self.estimator, DrawsSamples):
@@ -599,13 +700,16 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         self, params: Params, tasks: Sequence[Task[BatchT]], commit: bool
     ) -> MetaGradient:
         """The estimator's meta gradient, averaged over the process group if any."""
-        if commit:
+        if self._group is not None and len(tasks) == 0:  # an empty shard adds nothing
+            zeros = {name: torch.zeros_like(p) for name, p in params.items()}
+            empty = MetaGradient(zeros, torch.zeros((), dtype=torch.float64), 0, 0)
+            return all_reduce_mean(empty, 0, self._group)
+        with restoring_buffers(self.model):
+            state = None if commit else self.generator.get_state()
             result = self.estimator.meta_gradient(self.objective, params, tasks, self.generator)
-        else:  # a warm-up for a capture must draw nothing from the generator
-            state = self.generator.get_state()
-            result = self.estimator.meta_gradient(self.objective, params, tasks, self.generator)
-            if not torch.equal(state, self.generator.get_state()):
-                raise RuntimeError("the estimator draws from the generator in Python")
+        if state is not None and not torch.equal(state, self.generator.get_state()):
+            # a captured step could not draw anew at each replay
+            raise RuntimeError("the estimator draws from the generator in Python")
         if self._group is not None:
             result = all_reduce_mean(result, len(tasks), self._group)
         return result
@@ -700,7 +804,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             grads, _ = self.objective.loss_grad(params, batch)
             counts.grad_evals += 1
             norms.append(torch.cat([g.reshape(-1) for g in grads.values()]).norm())
-        total = float(torch.stack(norms).sum().to(torch.float64))
+        total = float(torch.stack(norms).sum().to(torch.float64)) if norms else 0.0
         count = len(norms)
         if self._group is not None:
             total, count = all_reduce_probe(total, count, self._group)
@@ -716,19 +820,27 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         )
 
     def _estimate_smoothness(
-        self, tasks: Sequence[Task[BatchT]], counts: OracleCounts, options: dict[str, Any]
+        self,
+        tasks: Sequence[Task[BatchT]],
+        counts: OracleCounts,
+        options: dict[str, Any],
+        setting: Setting,
     ) -> SmoothnessEstimate:
         """:func:`~torch_maml.theory.estimate_smoothness` at ``w_k``, over all processes."""
-        estimate = estimate_smoothness(
-            self.model,
-            self.loss_fn,
-            tasks,
-            adapted=self.adapted,
-            generator=self.generator,
-            **options,
-        )
+        if len(tasks) == 0:  # an empty shard: nothing measured, nothing counted
+            estimate = SmoothnessEstimate(0.0, 0.0, None, None, 0, True, 0, True, 0, 0)
+        else:
+            estimate = estimate_smoothness(
+                self.model,
+                self.loss_fn,
+                tasks,
+                adapted=self.adapted,
+                generator=self.generator,
+                **options,
+            )
         if self._group is not None:
-            estimate = all_reduce_estimate(estimate, len(tasks), self._group)
+            has_b = setting == "finite-sum"
+            estimate = all_reduce_estimate(estimate, len(tasks), self._group, has_b)
         counts.grad_evals += estimate.grad_evals
         counts.hvp_evals += estimate.hvp_evals
         return estimate

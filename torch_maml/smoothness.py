@@ -17,7 +17,13 @@ from torch import Tensor, nn
 
 from .checks import optional_positive_int, positive_float, positive_int
 from .errors import NonFiniteError
-from .model import ParamSelection, TaskLoss, batch_statistics_only, select_parameters
+from .model import (
+    ParamSelection,
+    TaskLoss,
+    batch_statistics_only,
+    select_parameters,
+    unwrap_compiled,
+)
 from .ops import Ops
 from .tasks import SupportQuery, Task, stack_batches, task_kind
 from .trees import flatten
@@ -145,6 +151,7 @@ def estimate_smoothness(
         (0.0, 0.0)
     """
     kind = task_kind(tasks)
+    model = unwrap_compiled(model)
     iterations = positive_int("iterations", iterations)
     tol = positive_float("tol", tol)
     restarts = positive_int("restarts", restarts)

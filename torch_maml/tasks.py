@@ -43,6 +43,7 @@ __all__ = [
     "Task",
     "TaskData",
     "TaskKind",
+    "check_batch",
     "stack_batches",
     "support_query_data",
     "task_kind",
@@ -276,6 +277,20 @@ MetaBatchData: TypeAlias = Sequence[TaskData] | StackedTaskData
 """A meta-batch's data: one :class:`TaskData` per task, or all of them stacked."""
 
 
+def check_batch(batch: Batch, where: str) -> None:
+    """Refuse a batch that holds an empty tensor: its mean loss would be 0 / 0.
+
+    Raises:
+        ValueError: naming ``where`` and the empty tensor's shape.
+    """
+    for leaf in tree_flatten(batch)[0]:
+        if isinstance(leaf, Tensor) and leaf.numel() == 0:
+            raise ValueError(
+                f"{where} holds an empty tensor (shape {tuple(leaf.shape)}): every batch "
+                "needs at least one sample"
+            )
+
+
 def support_query_data(tasks: Sequence[Task[BatchT]], steps: int) -> MetaBatchData:
     """The finite-sum data of eq. 10-12: support set at every inner step, query outside.
 
@@ -287,6 +302,8 @@ def support_query_data(tasks: Sequence[Task[BatchT]], steps: int) -> MetaBatchDa
         TypeError: the tasks are samplers.
     """
     if isinstance(tasks, StackedTasks):
+        check_batch(tasks.support, "'tasks.support'")
+        check_batch(tasks.query, "'tasks.query'")
         support = [tasks.support] * steps
         return StackedTaskData(TaskData(support, (), tasks.query), len(tasks))
     if task_kind(tasks) != "support-query":
@@ -295,8 +312,9 @@ def support_query_data(tasks: Sequence[Task[BatchT]], steps: int) -> MetaBatchDa
             "setting; 'tasks' holds samplers"
         )
     data = []
-    for task in tasks:
+    for index, task in enumerate(tasks):
         assert isinstance(task, SupportQuery)  # task_kind checked every task
-        support = [task.support] * steps
-        data.append(TaskData(support, (), task.query))
+        check_batch(task.support, f"'tasks[{index}].support'")
+        check_batch(task.query, f"'tasks[{index}].query'")
+        data.append(TaskData([task.support] * steps, (), task.query))
     return data
