@@ -8,6 +8,7 @@ Means are weighted by each shard's number of tasks.
 from __future__ import annotations
 
 import itertools
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,7 @@ from .ops import MetaGradient
 from .smoothness import SmoothnessEstimate
 
 __all__ = [
+    "GroupHandle",
     "agree_on_step",
     "all_reduce_estimate",
     "all_reduce_mean",
@@ -26,8 +28,35 @@ __all__ = [
 ]
 
 
-def process_group(distributed: bool | dist.ProcessGroup) -> dist.ProcessGroup | None:
-    """The process group to average over, checked; None when not distributed."""
+class GroupHandle:
+    """The process group a MetaOptimizer averages over, without keeping it alive.
+
+    An optimizer that held its process group would keep gloo's worker threads alive
+    after ``destroy_process_group()``, until the interpreter finalises: a finished
+    job could then abort at exit. The handle finds the default group anew each time
+    (``distributed=True``), or holds a given group weakly.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self._ref = None if group is None else weakref.ref(group)
+
+    def __call__(self) -> dist.ProcessGroup:
+        """The group.
+
+        Raises:
+            RuntimeError: it was destroyed.
+        """
+        group = dist.group.WORLD if self._ref is None else self._ref()
+        if group is None or not dist.is_initialized():
+            raise RuntimeError(
+                "the MetaOptimizer's process group was destroyed (destroy_process_group); "
+                "build a new MetaOptimizer after init_process_group to go on"
+            )
+        return group
+
+
+def process_group(distributed: bool | dist.ProcessGroup) -> GroupHandle | None:
+    """A handle on the process group to average over, checked; None when not distributed."""
     if distributed is False:
         return None
     if distributed is not True and not isinstance(distributed, dist.ProcessGroup):
@@ -40,10 +69,9 @@ def process_group(distributed: bool | dist.ProcessGroup) -> dist.ProcessGroup | 
             "'distributed' needs torch.distributed to be initialised first "
             "(torch.distributed.init_process_group)"
         )
-    group = dist.group.WORLD if distributed is True else distributed
-    if group is None:
+    if distributed is True and dist.group.WORLD is None:
         raise ValueError("'distributed': torch.distributed has no default process group")
-    return group
+    return GroupHandle(None if distributed is True else distributed)
 
 
 def broadcast_parameters(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:

@@ -358,7 +358,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         """The CUDA graphs of captured steps (``capture``): how many, captured how often."""
         self._beta_buffer: Tensor | None = None
         if self._group is not None:
-            broadcast_parameters([p for _, p in named], self._group)
+            broadcast_parameters([p for _, p in named], self._group())
 
     # torch.optim.Optimizer.step takes an optional loss closure; a meta step needs a
     # meta-batch instead, and returns what it did. No signature can be both (the
@@ -653,9 +653,9 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             try:
                 mine = None if empty else task_kind(tasks, name)
             except (TypeError, ValueError):
-                agree_on_step(self._collective_calls, "failed", self._group)  # others stop too
+                agree_on_step(self._collective_calls, "failed", self._group())  # others stop too
                 raise
-            kind = agree_on_step(self._collective_calls, mine, self._group)
+            kind = agree_on_step(self._collective_calls, mine, self._group())
             self._collective_calls += 1
         return "finite-sum" if kind == "support-query" else "resampling"
 
@@ -703,7 +703,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         if self._group is not None and len(tasks) == 0:  # an empty shard adds nothing
             zeros = {name: torch.zeros_like(p) for name, p in params.items()}
             empty = MetaGradient(zeros, torch.zeros((), dtype=torch.float64), 0, 0)
-            return all_reduce_mean(empty, 0, self._group)
+            return all_reduce_mean(empty, 0, self._group())
         with restoring_buffers(self.model):
             state = None if commit else self.generator.get_state()
             result = self.estimator.meta_gradient(self.objective, params, tasks, self.generator)
@@ -711,7 +711,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             # a captured step could not draw anew at each replay
             raise RuntimeError("the estimator draws from the generator in Python")
         if self._group is not None:
-            result = all_reduce_mean(result, len(tasks), self._group)
+            result = all_reduce_mean(result, len(tasks), self._group())
         return result
 
     def _run(
@@ -807,7 +807,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         total = float(torch.stack(norms).sum().to(torch.float64)) if norms else 0.0
         count = len(norms)
         if self._group is not None:
-            total, count = all_reduce_probe(total, count, self._group)
+            total, count = all_reduce_probe(total, count, self._group())
             counts.grad_evals += count - len(norms)  # every process's probes
         mean = total / count
         if math.isfinite(mean):
@@ -840,7 +840,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             )
         if self._group is not None:
             has_b = setting == "finite-sum"
-            estimate = all_reduce_estimate(estimate, len(tasks), self._group, has_b)
+            estimate = all_reduce_estimate(estimate, len(tasks), self._group(), has_b)
         counts.grad_evals += estimate.grad_evals
         counts.hvp_evals += estimate.hvp_evals
         return estimate
