@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, cast, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -52,7 +52,7 @@ from .algorithms import (
     unrolled_meta_gradient,
 )
 from .checks import nonnegative_float, optional_positive_int, positive_float, positive_int
-from .inner import GradientDescentSteps, InnerLoop, ProximalSteps, SelectsParameters
+from .inner import InnerLoop, descent_lr, proximal_lam, selects_parameters
 from .objective import MetaObjective
 from .ops import MetaGradient, Ops
 from .tasks import (
@@ -210,12 +210,13 @@ def _sampled(
 
 def _gradient_descent_lr(estimator: str, inner_loop: InnerLoop, why: str) -> float:
     """The step size of a gradient-descent inner loop, or a TypeError saying what is needed."""
-    if not isinstance(inner_loop, GradientDescentSteps):
+    lr = descent_lr(inner_loop)
+    if lr is None:
         raise TypeError(
             f"{estimator} needs a GradientDescent inner loop: {why} "
             f"(got an inner loop of type {type(inner_loop).__name__})"
         )
-    return inner_loop.descent_lr()
+    return lr
 
 
 # ---------------------------------------------------------------- the paper's three
@@ -465,7 +466,7 @@ class Reptile:
             ValueError: the inner loop adapts only some parameters (``adapted=``).
             TypeError: ``scale`` is None and the inner loop is not gradient descent.
         """
-        if isinstance(inner_loop, SelectsParameters):
+        if selects_parameters(inner_loop):
             raise ValueError(
                 "Reptile moves each parameter by its inner-loop displacement w - w_N, which "
                 "is 0 for the parameters that 'adapted' leaves out: they would never be "
@@ -494,8 +495,8 @@ class Reptile:
 
     def _algorithm(self, ops: Ops, params: Params, data: TaskData) -> MetaGradient:
         scale = self.scale
-        if scale is None:  # check() made sure the inner loop is gradient descent
-            lr = cast(GradientDescentSteps, ops.inner_loop).descent_lr()
+        if scale is None:
+            lr = _gradient_descent_lr("Reptile()", ops.inner_loop, "")
             scale = 1.0 / (len(data.inner) * lr)
         return reptile_meta_gradient(ops, params, data, scale=scale)
 
@@ -595,7 +596,7 @@ class HessianFree:
         return objective.map_tasks(self._algorithm, params, data)
 
     def _algorithm(self, ops: Ops, params: Params, data: TaskData) -> MetaGradient:
-        lr = cast(GradientDescentSteps, ops.inner_loop).descent_lr()  # check() made sure
+        lr = _gradient_descent_lr("HessianFree", ops.inner_loop, "")
         return hessian_free_meta_gradient(ops, params, data, lr=lr, delta=self.delta)
 
 
@@ -667,14 +668,14 @@ class Implicit:
             TypeError: the inner loop is not :class:`~torch_maml.Proximal`.
             ValueError: ``lam`` was given and differs from the inner loop's.
         """
-        if not isinstance(inner_loop, ProximalSteps):
+        lam = proximal_lam(inner_loop)
+        if lam is None:
             lam_text = "lam" if self.lam is None else f"lam={self.lam:g}"
             raise TypeError(
                 "Implicit needs a Proximal inner loop, whose regularised inner problem it "
                 f"differentiates: wrap yours as tm.Proximal(inner_loop, {lam_text}) "
                 f"(got an inner loop of type {type(inner_loop).__name__})"
             )
-        lam = inner_loop.proximal_lam()
         if self.lam is not None and self.lam != lam:
             raise ValueError(
                 f"Implicit(lam={self.lam:g}) differs from its Proximal inner loop's "
@@ -704,7 +705,8 @@ class Implicit:
         return objective.map_tasks(self._algorithm, params, data)
 
     def _algorithm(self, ops: Ops, params: Params, data: TaskData) -> MetaGradient:
-        lam = cast(ProximalSteps, ops.inner_loop).proximal_lam()  # check() made sure
+        lam = proximal_lam(ops.inner_loop)
+        assert lam is not None  # check() refused the other inner loops
         return implicit_meta_gradient(
             ops, params, data, lam=lam, cg_steps=self.cg_steps, tol=self.tol
         )

@@ -27,6 +27,10 @@ built-in loop is accepted wherever that loop is:
 * :class:`ProximalSteps` (``proximal_lam()``): the steps solve iMAML's regularised
   problem. :class:`~torch_maml.Implicit` needs it.
 * :class:`SelectsParameters` (``adapted_names(names)``): only some parameters move.
+* the attribute ``elementwise = True``: ``update`` acts on each element alone, so it
+  may be handed every task's tensors at once (a leading task dimension). The built-in
+  loops say so; any other loop is vectorised over tasks with ``torch.func.vmap``, so
+  an update that reduces over a tensor (a normalised step) stays per task.
 
 Which estimator works with which inner loop is the table of the docs' inner-loop
 page; a refused pair raises a ``TypeError`` that says what it needs, when the
@@ -37,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypedDict, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypedDict, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -58,6 +62,10 @@ __all__ = [
     "ProximalSteps",
     "SelectsParameters",
     "adapted_names",
+    "descent_lr",
+    "elementwise",
+    "proximal_lam",
+    "selects_parameters",
 ]
 
 
@@ -128,11 +136,41 @@ class SelectsParameters(Protocol):
         ...
 
 
+# The optional methods are looked up with getattr, not isinstance on the protocols: since
+# Python 3.12 a protocol's isinstance ignores __getattr__, which transparent wrappers
+# (and Masked) forward attribute access with.
+
+
 def adapted_names(inner_loop: InnerLoop, names: Sequence[str]) -> tuple[str, ...]:
     """The meta parameters ``inner_loop`` moves: all of ``names`` unless it selects some."""
-    if isinstance(inner_loop, SelectsParameters):
-        return inner_loop.adapted_names(names)
-    return tuple(names)
+    method = getattr(inner_loop, "adapted_names", None)
+    return tuple(method(names)) if callable(method) else tuple(names)
+
+
+def selects_parameters(inner_loop: InnerLoop) -> bool:
+    """Whether ``inner_loop`` adapts only a selection (:class:`SelectsParameters`)."""
+    return callable(getattr(inner_loop, "adapted_names", None))
+
+
+def descent_lr(inner_loop: InnerLoop) -> float | None:
+    """``alpha`` if every step is plain gradient descent (:class:`GradientDescentSteps`)."""
+    method = getattr(inner_loop, "descent_lr", None)
+    return float(method()) if callable(method) else None
+
+
+def proximal_lam(inner_loop: InnerLoop) -> float | None:
+    """``lam`` if the steps solve iMAML's regularised problem (:class:`ProximalSteps`)."""
+    method = getattr(inner_loop, "proximal_lam", None)
+    return float(method()) if callable(method) else None
+
+
+def elementwise(inner_loop: InnerLoop) -> bool:
+    """Whether ``update`` acts on each element alone (the attribute ``elementwise``).
+
+    Such an update may be handed tensors with a leading task dimension: it treats each
+    task alone. Any other is vectorised over tasks with ``torch.func.vmap``.
+    """
+    return getattr(inner_loop, "elementwise", False) is True
 
 
 @dataclass(frozen=True)
@@ -152,6 +190,9 @@ class GradientDescent:
         >>> import torch_maml as tm
         >>> inner = tm.GradientDescent(steps=5, lr=0.01)
     """
+
+    elementwise: ClassVar[bool] = True
+    """Its update acts on each element alone (vectorised over tasks as it is)."""
 
     steps: int
     lr: float
@@ -216,6 +257,9 @@ class Momentum:
         (tensor([0.9800]), tensor([2.]))
     """
 
+    elementwise: ClassVar[bool] = True
+    """Its update acts on each element alone (vectorised over tasks as it is)."""
+
     steps: int
     lr: float
     momentum: float = 0.9
@@ -245,8 +289,7 @@ class Momentum:
 class AdamState(TypedDict):
     """The state of :class:`Adam`: the moment estimates and the step count.
 
-    A dict (a ``TypedDict``), not a NamedTuple: torch.compile's ``scan``, which
-    ``compile=True`` runs the inner steps in, takes dicts of tensors but no NamedTuples.
+    A plain dict at run time (a ``TypedDict`` for the type checker).
     """
 
     m: Params
@@ -316,6 +359,9 @@ class Adam:
         >>> params["w"]  # the first step moves by lr * sign(g), nearly
         tensor([0.9000, 2.0000])
     """
+
+    elementwise: ClassVar[bool] = True
+    """Its update acts on each element alone (vectorised over tasks as it is)."""
 
     steps: int
     lr: float

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Generic
+from typing import Any, ClassVar, Generic
 
 import torch
 from torch import nn
@@ -164,6 +164,9 @@ class MetaSGD:
     """
 
     steps: int
+
+    elementwise: ClassVar[bool] = True
+    """Its update acts on each element alone (vectorised over tasks as it is)."""
 
     def __post_init__(self) -> None:
         positive_int("steps", self.steps)

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from . import trees
-from .inner import InnerLoop, adapted_names
+from .inner import InnerLoop, adapted_names, elementwise
 from .model import TaskLoss
 from .typing import Batch, InnerState, Params
 
@@ -110,6 +110,12 @@ class Ops:
         names = () if loss is None else loss.names
         self.adapted = names if inner_loop is None else adapted_names(inner_loop, names)
         """The names of the parameters the inner loop moves."""
+        self._init: Callable[[Params], InnerState] | None = None
+        self._update: Callable[..., tuple[Params, InnerState]] | None = None
+        if inner_loop is not None:  # per task, unless each element is updated alone
+            vectorise = batched and not elementwise(inner_loop)
+            self._init = vmap(inner_loop.init) if vectorise else inner_loop.init
+            self._update = vmap(inner_loop.update) if vectorise else inner_loop.update
         self._evaluate: Callable[[Params, Batch], Tensor] | None = None
         if loss is not None:
             self._evaluate = vmap(loss, randomness="different") if batched else loss
@@ -184,7 +190,7 @@ class Ops:
 
     def init(self, params: Params) -> InnerState:
         """The inner loop's state ``s_0`` at ``w_0 = params``, detached."""
-        return trees.detach(self.inner_loop.init(params))
+        return trees.detach(self._step_init(params))
 
     def step(
         self, params: Params, state: InnerState, batch: Batch, *, linearize: bool = False
@@ -214,7 +220,7 @@ class Ops:
             value = self._values(weights, batch)
             grads = self._loss_grads(value, {n: weights[n] for n in self.adapted}, False)
         with torch.no_grad():
-            new_params, new_state = self.inner_loop.update(
+            new_params, new_state = self._step_update(
                 trees.detach(params), grads, trees.detach(state)
             )
         pullback = None
@@ -244,7 +250,7 @@ class Ops:
         """``grad_w <init(w), v_s>``: the share of the gradient that reaches ``w`` via ``s_0``."""
         with torch.enable_grad():
             weights = trees.requiring_grad(params)
-            state = self.inner_loop.init(weights)
+            state = self._step_init(weights)
             grads: Params = _vjp(state, weights, cot_state)
         return grads
 
@@ -266,7 +272,7 @@ class Ops:
         """
         with torch.enable_grad():
             start = trees.requiring_grad(params)
-            weights, state = start, self.inner_loop.init(start)
+            weights, state = start, self._step_init(start)
             for batch in inner_batches:
                 _, (weights, state) = self._differentiable_step(weights, state, batch)
             value = self._values(weights, outer_batch)
@@ -275,12 +281,24 @@ class Ops:
 
     # ------------------------------------------------------------ internals
 
+    def _step_init(self, params: Params) -> InnerState:
+        if self._init is None:
+            raise RuntimeError("these operations were built without an inner loop")
+        return self._init(params)
+
+    def _step_update(
+        self, params: Params, grads: Params, state: InnerState
+    ) -> tuple[Params, InnerState]:
+        if self._update is None:
+            raise RuntimeError("these operations were built without an inner loop")
+        return self._update(params, grads, state)
+
     def _differentiable_step(
         self, params: Params, state: InnerState, batch: Batch
     ) -> tuple[Tensor, tuple[Params, InnerState]]:
         value = self._values(params, batch)
         grads = self._loss_grads(value, {n: params[n] for n in self.adapted}, True)
-        return value.detach(), self.inner_loop.update(params, grads, state)
+        return value.detach(), self._step_update(params, grads, state)
 
     @staticmethod
     def _loss_grads(value: Tensor, inputs: Params, create_graph: bool) -> Params:

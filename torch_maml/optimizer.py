@@ -207,7 +207,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             tasks at once; 1 runs them one by one.
         compile: compile each meta step's computation with ``torch.compile``
             (``True``, or a dict of its keyword arguments). The first step of each
-            shape pays the compilation (tens of seconds; the docs' performance page
+            shape pays the compilation (tens of seconds: the docs page "How tasks run"
             has measurements); if compilation fails, the optimizer warns once
             (:class:`~torch_maml.CompileWarning`) and runs eagerly.
         adapted: the parameters the inner loop adapts (default: all trainable ones),
@@ -324,7 +324,7 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         for component in (estimator, step_size):  # what each needs of the inner loop
             check = getattr(component, "check", None)
             if callable(check):
-                check(inner, stacklevel=2) if component is step_size else check(inner)
+                check(inner)
         self._group = process_group(distributed)
 
         # Plain tensors, not (name, tensor) pairs: named param groups need torch >= 2.5.

@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .checks import positive_float
-from .inner import InnerLoop
+from .inner import InnerLoop, elementwise
 from .typing import InnerState, Params
 
 __all__ = ["Proximal"]
@@ -41,8 +41,7 @@ class Proximal:
     on iMAML's inner objective. The state is the pair ``(anchor, inner_state)``: the
     anchor ``w`` (not detached, so that autograd through the unrolled loop and the
     recursion's state cotangent see how the steps depend on ``w``) and the wrapped
-    inner loop's own state (a plain tuple, and a fresh copy of the anchor at each
-    step: ``torch.compile``'s ``scan`` takes neither named tuples nor aliased tensors).
+    inner loop's own state.
 
     Args:
         inner_loop: the inner optimiser to regularise, e.g.
@@ -87,14 +86,18 @@ class Proximal:
         """The wrapped inner loop's number ``N`` of steps."""
         return self.inner_loop.steps
 
+    @property
+    def elementwise(self) -> bool:
+        """Whether the wrapped loop's update acts on each element alone (then so does this)."""
+        return elementwise(self.inner_loop)
+
     def proximal_lam(self) -> float:
         """``lam`` (:class:`~torch_maml.inner.ProximalSteps`)."""
         return self.lam
 
     def init(self, params: Params) -> InnerState:
         """``(anchor, inner_state)``: ``w_0 = params`` and the wrapped loop's initial state."""
-        anchor = {name: p.clone() for name, p in params.items()}  # see update
-        return anchor, self.inner_loop.init(params)
+        return dict(params), self.inner_loop.init(params)
 
     def update(self, params: Params, grads: Params, state: InnerState) -> tuple[Params, InnerState]:
         """One step of the wrapped inner loop on the regularised gradient."""
@@ -103,6 +106,4 @@ class Proximal:
             name: g + self.lam * (params[name] - anchor[name]) for name, g in grads.items()
         }
         new_params, new_inner = self.inner_loop.update(params, regularised, inner)
-        # Copies, here and in init: the compiled recursion's scan refuses a carry whose
-        # tensors alias each other or a step's inputs (d numbers, next to a gradient).
-        return new_params, ({name: a.clone() for name, a in anchor.items()}, new_inner)
+        return new_params, (anchor, new_inner)

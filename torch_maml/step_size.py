@@ -16,7 +16,7 @@ from torch import nn
 
 from .checks import nonnegative_float, optional_positive_int, positive_float
 from .formulas import check_inner_lr, smoothness_finite_sum, smoothness_resampling
-from .inner import GradientDescentSteps, InnerLoop
+from .inner import InnerLoop, descent_lr
 from .model import ParamSelection
 from .smoothness import SmoothnessEstimate, estimate_smoothness
 from .tasks import Task
@@ -148,14 +148,15 @@ class Constant:
 _ESTIMATE_OPTIONS = ("sample_size", "iterations", "tol", "restarts", "radius")
 
 
-def _descent(inner_loop: InnerLoop) -> GradientDescentSteps:
-    """The inner loop as gradient descent, or the TypeError saying that it must be."""
-    if not isinstance(inner_loop, GradientDescentSteps):
+def _descent_lr(inner_loop: InnerLoop) -> float:
+    """The inner loop's ``alpha`` as gradient descent, or the TypeError saying it must be."""
+    lr = descent_lr(inner_loop)
+    if lr is None:
         raise TypeError(
             "SmoothnessAdaptive needs a GradientDescent inner loop (eq. 14 and 22 are "
             f"derived for plain gradient descent) (got {type(inner_loop).__name__})"
         )
-    return inner_loop
+    return lr
 
 
 @dataclass(frozen=True)
@@ -308,14 +309,13 @@ class SmoothnessAdaptive:
             TypeError: ``inner_loop`` is not gradient descent
                 (:class:`~torch_maml.inner.GradientDescentSteps`).
         """
-        descent = _descent(inner_loop)
-        if getattr(inner_loop, "L", None) != self.L:  # GradientDescent warned for its own L
-            check_inner_lr(descent.descent_lr(), descent.steps, self.L, stacklevel=stacklevel + 1)
+        alpha = _descent_lr(inner_loop)
+        check_inner_lr(alpha, inner_loop.steps, self.L, stacklevel=stacklevel + 1)
 
     def __call__(self, context: StepContext) -> StepSize:
         """``beta_k = lr / (c_beta * Lhat(w_k))``, with ``Lhat`` recorded."""
-        inner = _descent(context.inner_loop)
-        alpha = inner.descent_lr()
+        inner = context.inner_loop
+        alpha = _descent_lr(inner)
         if self.every is not None and context.step > 0 and context.step % self.every == 0:
             estimate = context.estimate_smoothness(**self.estimate_options)
             context.state.update(L=estimate.L, rho=estimate.rho, b=estimate.b or 0.0)
