@@ -40,6 +40,7 @@ from typing import Any, Literal, NamedTuple, TypeAlias, TypeVar
 
 import torch
 from torch import Tensor
+from torch.func import vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import trees
@@ -47,7 +48,7 @@ from .checks import positive_int
 from .errors import CaptureWarning, CompileWarning, VectorizationWarning
 from .inner import InnerLoop
 from .model import TaskLoss
-from .ops import MetaGradient, Ops
+from .ops import FunctionalOps, HostSyncError, MetaGradient, Ops
 from .tasks import (
     MetaBatchData,
     StackedTaskData,
@@ -316,7 +317,7 @@ class Executor:
         self.vectorise = True
         """False once a model failed to vectorise: its tasks then run one by one."""
         self._footprints: dict[tuple[Any, ...], TaskFootprint] = {}
-        self._compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        self._compiled: dict[tuple[Any, bool, bool], _Compiled] = {}
         self._compile_failed = False
 
     def ops(self, batched: bool, keep_graphs: bool = False) -> Ops:
@@ -430,30 +431,39 @@ class Executor:
     def _call(
         self, algorithm: Algorithm, params: Params, data: TaskData, size: int, keep_graphs: bool
     ) -> MetaGradient:
-        """The sum over a chunk's tasks of the algorithm's results (counts summed)."""
-        batched = size > 1
-        run = self._compiled_run(algorithm, batched, keep_graphs)
-        if run is not None:
-            try:
-                with _tracing_autograd(), math_attention():
-                    return run(params, data, size)  # type: ignore[no-any-return]
-            except Warning:
-                raise
-            except Exception as compile_error:
-                with math_attention():
-                    result = self._summed(algorithm, params, data, size, keep_graphs)
-                self._compile_failed = True
-                reason = str(compile_error).strip().splitlines()
-                warnings.warn(
-                    "torch.compile could not compile this MetaOptimizer's meta step "
-                    f"({type(compile_error).__name__}: {reason[0] if reason else ''}); it "
-                    "runs eagerly from now on. Pass compile=False to skip compilation.",
-                    CompileWarning,
-                    stacklevel=5,
-                )
-                return result
-        with math_attention():
-            return self._summed(algorithm, params, data, size, keep_graphs)
+        """The sum over a chunk's tasks of the algorithm's results (counts summed).
+
+        With ``compile``, an algorithm's first call runs eagerly (it checks the input
+        and counts the oracle calls, per task); later calls run compiled code.
+        """
+        key = (algorithm, size > 1, keep_graphs)
+        compiled = self._compiled.get(key)
+        if self.compile is False or self._compile_failed or compiled is None:
+            with math_attention():
+                result = self._summed(algorithm, params, data, size, keep_graphs)
+            if self.compile is not False and not self._compile_failed and compiled is None:
+                evals = (result.grad_evals // size, result.hvp_evals // size)
+                self._compiled[key] = _Compiled(self._compile(algorithm, key), *evals)
+            return result
+        try:
+            with math_attention():
+                grads, loss = compiled.run(params, data)
+        except Warning:  # a warning the caller turned into an error is theirs
+            raise
+        except Exception as compile_error:
+            with math_attention():
+                result = self._summed(algorithm, params, data, size, keep_graphs)
+            self._compile_failed = True
+            reason = str(compile_error).strip().splitlines()
+            warnings.warn(
+                "torch.compile could not compile this MetaOptimizer's meta step "
+                f"({type(compile_error).__name__}: {reason[0] if reason else ''}); it "
+                "runs eagerly from now on. Pass compile=False to skip compilation.",
+                CompileWarning,
+                stacklevel=5,
+            )
+            return result
+        return MetaGradient(grads, loss, compiled.grad_evals * size, compiled.hvp_evals * size)
 
     def _summed(
         self, algorithm: Algorithm, params: Params, data: TaskData, size: int, keep_graphs: bool
@@ -473,21 +483,42 @@ class Executor:
             result.hvp_evals * size,
         )
 
-    def _compiled_run(
-        self, algorithm: Algorithm, batched: bool, keep_graphs: bool
-    ) -> Callable[..., Any] | None:
-        if self.compile is False or self._compile_failed:
-            return None
-        key = (algorithm, batched, keep_graphs)
-        if key not in self._compiled:
-            options = self.compile if isinstance(self.compile, Mapping) else {}
-            settings: dict[str, Any] = {"fullgraph": True, "dynamic": False, **options}
+    def _compile(
+        self, algorithm: Algorithm, key: tuple[Any, bool, bool]
+    ) -> Callable[[Params, TaskData], tuple[Params, Tensor]]:
+        """The chunk's computation by :class:`~torch_maml.ops.FunctionalOps`, compiled.
 
-            def run(params: Params, data: TaskData, size: int) -> MetaGradient:
-                return self._summed(algorithm, params, data, size, keep_graphs)
+        Vectorised, the whole per-task algorithm is vmapped over the tasks (the
+        parameters shared), and the results summed: one graph per chunk shape.
+        """
+        _, batched, keep_graphs = key
+        ops = FunctionalOps(self.loss, self.inner_loop, keep_graphs=keep_graphs)
 
-            self._compiled[key] = torch.compile(_own_code(run), **settings)
-        return self._compiled[key]
+        def per_task(params: Params, data: TaskData) -> tuple[Params, Tensor]:
+            result = algorithm(ops, params, data)
+            return result.grads, result.loss
+
+        def run(params: Params, data: TaskData) -> tuple[Params, Tensor]:
+            if not batched:
+                return per_task(params, data)
+            vectorised = vmap(per_task, in_dims=(None, 0), randomness="different")
+            grads, loss = vectorised(params, data)
+            return {name: g.sum(0) for name, g in grads.items()}, loss.sum(0)
+
+        options = self.compile if isinstance(self.compile, Mapping) else {}
+        settings: dict[str, Any] = {"fullgraph": True, "dynamic": False, **options}
+        compiled: Callable[[Params, TaskData], tuple[Params, Tensor]] = torch.compile(
+            _own_code(run), **settings
+        )
+        return compiled
+
+
+class _Compiled(NamedTuple):
+    """A compiled chunk computation, and the oracle calls per task it makes."""
+
+    run: Callable[[Params, TaskData], tuple[Params, Tensor]]
+    grad_evals: int
+    hvp_evals: int
 
 
 def math_attention() -> contextlib.AbstractContextManager[Any]:
@@ -497,15 +528,6 @@ def math_attention() -> contextlib.AbstractContextManager[Any]:
     second-order estimators need, and no vmap rule; the math kernel has both.
     """
     return sdpa_kernel([SDPBackend.MATH])
-
-
-def _tracing_autograd() -> contextlib.AbstractContextManager[Any]:
-    """Dynamo configured to trace ``torch.autograd.grad`` into the graph (where it can)."""
-    config = torch._dynamo.config
-    if hasattr(config, "trace_autograd_ops"):
-        patched: contextlib.AbstractContextManager[Any] = config.patch(trace_autograd_ops=True)
-        return patched
-    return contextlib.nullcontext()
 
 
 def _add(a: MetaGradient, b: MetaGradient) -> MetaGradient:
@@ -527,10 +549,6 @@ def _signature(tree: Any) -> tuple[Any, ...]:
 
 
 # ---------------------------------------------------------------- capture (CUDA graphs)
-
-
-class HostSyncError(RuntimeError):
-    """A captured region made the host wait for the device (``Tensor.item`` and the like)."""
 
 
 _SYNCING_METHODS = (

@@ -25,18 +25,27 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, NamedTuple, TypeAlias, cast
 
 import torch
 from torch import Tensor
-from torch.func import vmap
+from torch.func import grad as torch_grad
+from torch.func import grad_and_value, vjp, vmap
 
 from . import trees
 from .inner import InnerLoop, adapted_names, elementwise
 from .model import TaskLoss
 from .typing import Batch, InnerState, Params
 
-__all__ = ["MetaGradient", "Ops", "OracleCounts", "Pullback", "Step"]
+__all__ = [
+    "FunctionalOps",
+    "HostSyncError",
+    "MetaGradient",
+    "Ops",
+    "OracleCounts",
+    "Pullback",
+    "Step",
+]
 
 NO_DEPENDENCE = (
     "'loss_fn' returned a loss that does not depend on the adapted parameters "
@@ -46,6 +55,14 @@ NO_DEPENDENCE = (
 Cotangent: TypeAlias = tuple[Params, InnerState]
 Pullback: TypeAlias = Callable[[Cotangent], Cotangent]
 """The transposed Jacobian of one inner step: ``(v_w', v_s') -> (v_w, v_s)``."""
+
+
+class HostSyncError(RuntimeError):
+    """A captured or compiled meta step asked for a tensor's value on the host.
+
+    ``Tensor.item``, ``bool(tensor)`` and the like make the host wait for the device,
+    which a CUDA graph cannot, and which a compiled graph cannot trace.
+    """
 
 
 class MetaGradient(NamedTuple):
@@ -363,3 +380,116 @@ class _Randomness:
             for device, state in self.cuda.items():
                 torch.cuda.set_rng_state(state, device)
             yield
+
+
+class FunctionalOps(Ops):
+    """The same operations on one task, by ``torch.func`` transforms alone.
+
+    What ``compile=True`` runs: the execution layer vmaps a whole per-task algorithm
+    over the tasks of a chunk with these operations and compiles the result, which
+    ``torch.compile`` traces into one graph (it compiles torch.func's transforms
+    natively, where it would stop at every ``torch.autograd.grad``). Tensors are one
+    task's, so the per-task algebra is plain. :meth:`any` cannot look at a value
+    while the algorithm is traced: it raises, and an algorithm that stops on a host
+    decision runs eagerly.
+
+    Args:
+        loss: the task loss.
+        inner_loop: the inner optimiser.
+        keep_graphs: whether :meth:`step` returns the step's own pullback (kept by
+            ``torch.func.vjp``) or one that recomputes the step.
+    """
+
+    def __init__(self, loss: TaskLoss, inner_loop: InnerLoop, *, keep_graphs: bool) -> None:
+        super().__init__(loss, inner_loop, batched=False, keep_graphs=keep_graphs)
+
+    def any(self, condition: Tensor) -> bool:
+        """Refused: a compiled algorithm cannot decide on a tensor's value."""
+        raise HostSyncError(
+            "Ops.any needs the value of a tensor, which a compiled meta step does not have"
+        )
+
+    def value(self, params: Params, batch: Batch) -> Tensor:
+        """``l(w; batch)``."""
+        return self._values(params, batch)
+
+    def grad(self, params: Params, batch: Batch) -> tuple[Params, Tensor]:
+        """``(grad l(w; batch), l(w; batch))`` with respect to every parameter."""
+        grads, value = grad_and_value(self._values)(params, batch)
+        return grads, value
+
+    def init(self, params: Params) -> InnerState:
+        """The inner loop's state ``s_0`` at ``w_0 = params``."""
+        return self._step_init(params)
+
+    def step(
+        self, params: Params, state: InnerState, batch: Batch, *, linearize: bool = False
+    ) -> Step:
+        """One inner step on ``batch``, with its pullback if asked for (see :class:`Ops`)."""
+
+        def step(p: Params, s: InnerState) -> tuple[tuple[Params, InnerState], Tensor]:
+            value, outputs = self._differentiable_step(p, s, batch)
+            return outputs, value
+
+        if linearize and self.keep_graphs:
+            linearised = cast(tuple[Any, Any, Any], vjp(step, params, state, has_aux=True))
+            (new_params, new_state), kept, value = linearised  # stubs omit the aux output
+            return Step(new_params, new_state, value, kept)
+        (new_params, new_state), value = step(params, state)
+        pullback = None
+        if linearize:
+
+            def recomputed(cotangent: Cotangent) -> Cotangent:
+                return self.step_vjp(params, state, batch, cotangent)
+
+            pullback = recomputed
+        return Step(new_params, new_state, value, pullback)
+
+    def step_vjp(
+        self, params: Params, state: InnerState, batch: Batch, cotangent: Cotangent
+    ) -> Cotangent:
+        """The vector-Jacobian product of one inner step, its gradient taken on ``batch``."""
+
+        def step(p: Params, s: InnerState) -> tuple[Params, InnerState]:
+            return self._differentiable_step(p, s, batch)[1]
+
+        result: Cotangent = vjp(step, params, state)[1](cotangent)
+        return result
+
+    def init_vjp(self, params: Params, cot_state: InnerState) -> Params:
+        """``grad_w <init(w), v_s>``."""
+        grads: Params = vjp(self._step_init, params)[1](cot_state)[0]
+        return grads
+
+    def hvp(self, params: Params, batch: Batch, vector: Params) -> Params:
+        """``H(w; batch) v``, reverse over reverse."""
+
+        def gradient(p: Params) -> Params:
+            grads: Params = torch_grad(self._values)(p, batch)
+            return grads
+
+        product: Params = vjp(gradient, params)[1](vector)[0]
+        return product
+
+    def unrolled(
+        self, params: Params, inner_batches: Sequence[Batch], outer_batch: Batch
+    ) -> tuple[Params, Tensor]:
+        """``(d l(w_N(w); outer) / dw, l(w_N; outer))`` through the unrolled steps."""
+
+        def meta_loss(start: Params) -> Tensor:
+            weights, state = start, self._step_init(start)
+            for batch in inner_batches:
+                _, (weights, state) = self._differentiable_step(weights, state, batch)
+            return self._values(weights, outer_batch)
+
+        grads, value = grad_and_value(meta_loss)(params)
+        return grads, value
+
+    def _differentiable_step(
+        self, params: Params, state: InnerState, batch: Batch
+    ) -> tuple[Tensor, tuple[Params, InnerState]]:
+        def adapted_loss(adapted: Params) -> Tensor:
+            return self._values({**params, **adapted}, batch)
+
+        grads, value = grad_and_value(adapted_loss)({n: params[n] for n in self.adapted})
+        return value, self._step_update(params, grads, state)
