@@ -3,12 +3,25 @@
 Each process passes its own shard of the meta-batch; the reductions here combine the
 shards' results so that every process applies the update of the whole meta-batch.
 Means are weighted by each shard's number of tasks.
+
+Every tensor handed to a collective is made here, used for that collective only, and
+let go of before the function returns: the function waits until the backend has freed
+it too (gloo's worker threads drop their references a moment after the collective
+completes). A tensor that has a Python object needs the interpreter's lock when its
+last C++ reference goes; if a worker thread still held one when the interpreter shuts
+down (``torch.distributed`` can keep the process group and its threads past
+``destroy_process_group()``, and a later ``barrier()`` keeps earlier collectives'
+work alive until it ends), the worker could not take the lock and the process aborted
+at exit ("terminate called without an active exception").
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 import weakref
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,14 +40,19 @@ __all__ = [
     "process_group",
 ]
 
+_R = TypeVar("_R")
+
+# How long to wait for the backend to free a tensor once its collective has completed
+# (gloo frees it at once; a wait that times out leaves the result unchanged).
+_RELEASE_TIMEOUT = 60.0
+
 
 class GroupHandle:
     """The process group a MetaOptimizer averages over, without keeping it alive.
 
-    An optimizer that held its process group would keep gloo's worker threads alive
-    after ``destroy_process_group()``, until the interpreter finalises: a finished
-    job could then abort at exit. The handle finds the default group anew each time
-    (``distributed=True``), or holds a given group weakly.
+    An optimizer that held its process group would keep it, and gloo's worker threads,
+    alive after ``destroy_process_group()``. The handle finds the default group anew
+    each time (``distributed=True``), or holds a given group weakly.
     """
 
     def __init__(self, group: dist.ProcessGroup | None) -> None:
@@ -77,9 +95,65 @@ def process_group(distributed: bool | dist.ProcessGroup) -> GroupHandle | None:
 def broadcast_parameters(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:
     """Give every process of ``group`` the parameters of its first rank."""
     source = dist.get_global_rank(group, 0)
+    for p in params:
+        _broadcast_into(p, source, group)
+
+
+def _broadcast_into(param: nn.Parameter, source: int, group: dist.ProcessGroup) -> None:
+    """Overwrite ``param`` in place with the one of process ``source`` (a global rank)."""
     with torch.no_grad():
-        for p in params:
-            dist.broadcast(p.data, src=source, group=group)
+        _collective(
+            lambda: param.data,  # a new tensor on the parameter's storage
+            lambda data: dist.broadcast(data, src=source, group=group),
+            lambda data: None,
+        )
+
+
+def _collective(
+    make: Callable[[], torch.Tensor],
+    run: Callable[[torch.Tensor], object],
+    read: Callable[[torch.Tensor], _R],
+) -> _R:
+    """One collective on a tensor of its own, returning once the backend has freed it.
+
+    Args:
+        make: makes the tensor to hand to the collective; nothing else may keep it.
+        run: runs the collective (synchronously) on it.
+        read: what to return, read from it after the collective; must not keep it.
+
+    Returns:
+        ``read(tensor)``, once the tensor is freed (for CPU tensors): no thread of the
+        backend then holds it, so none can need the interpreter after this returns.
+        CUDA tensors are not waited for: NCCL completes collectives on the GPU, later.
+    """
+    sent = make()
+    freed = threading.Event()
+    watch = weakref.ref(sent, lambda _: freed.set())
+    run(sent)
+    result = read(sent)
+    wait = sent.device.type == "cpu"
+    del sent  # from here the backend's references are the last ones
+    if wait and watch() is not None:
+        freed.wait(_RELEASE_TIMEOUT)  # releases the interpreter lock the worker needs
+    return result
+
+
+def _all_reduce_values(
+    values: list[float],
+    group: dist.ProcessGroup,
+    op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
+    device: torch.device | None = None,
+) -> list[float]:
+    """The reduction ``op`` over the processes of ``group`` of each of ``values``.
+
+    The values travel in float64 on ``device`` (the CPU by default).
+    """
+    reduced: list[float] = _collective(
+        lambda: torch.tensor(values, dtype=torch.float64, device=device),
+        lambda sent: dist.all_reduce(sent, op=op, group=group),
+        lambda sent: sent.tolist(),
+    )
+    return reduced
 
 
 def agree_on_step(calls: int, kind: str | None, group: dist.ProcessGroup) -> str:
@@ -101,8 +175,7 @@ def agree_on_step(calls: int, kind: str | None, group: dist.ProcessGroup) -> str
     """
     kinds = ("support-query", "sampler")
     flags = [float(calls), -float(calls), float(kind == "failed")]
-    agreed = torch.tensor(flags + [float(kind == k) for k in kinds], dtype=torch.float64)
-    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
+    agreed = _all_reduce_values(flags + [float(kind == k) for k in kinds], group, dist.ReduceOp.MAX)
     latest, earliest = int(agreed[0]), -int(agreed[1])
     if agreed[2] and kind != "failed":
         raise RuntimeError(
@@ -116,7 +189,7 @@ def agree_on_step(calls: int, kind: str | None, group: dist.ProcessGroup) -> str
             "skipped a step or failed one, so their collectives no longer pair up. Every "
             "process must call step (or meta_backward) the same number of times"
         )
-    present = [k for k, flag in zip(kinds, agreed[3:].tolist(), strict=True) if flag]
+    present = [k for k, flag in zip(kinds, agreed[3:], strict=True) if flag]
     if len(present) != 1:
         raise RuntimeError(
             "torch.distributed: "
@@ -129,14 +202,17 @@ def agree_on_step(calls: int, kind: str | None, group: dist.ProcessGroup) -> str
 def all_reduce_mean(result: MetaGradient, count: int, group: dist.ProcessGroup) -> MetaGradient:
     """The mean over every process's tasks of a per-process mean over ``count`` tasks."""
     grads = list(result.grads.values())
-    flat = torch.cat([g.reshape(-1) for g in grads] + [result.loss.reshape(1).to(grads[0])])
-    dist.all_reduce(flat.mul_(count), group=group)
-    totals = torch.tensor(
-        [count, result.grad_evals, result.hvp_evals], dtype=torch.float64, device=flat.device
+    totals = _all_reduce_values(
+        [count, result.grad_evals, result.hvp_evals], group, device=grads[0].device
     )
-    dist.all_reduce(totals, group=group)
-    tasks, grad_evals, hvp_evals = (int(v) for v in totals.tolist())
-    flat = flat / tasks
+    tasks, grad_evals, hvp_evals = (int(v) for v in totals)
+    flat = _collective(
+        lambda: torch.cat(
+            [g.reshape(-1) for g in grads] + [result.loss.reshape(1).to(grads[0])]
+        ).mul_(count),
+        lambda sent: dist.all_reduce(sent, group=group),
+        lambda sent: sent / tasks,
+    )
     offsets = [0]
     for g in grads:
         offsets.append(offsets[-1] + g.numel())
@@ -163,19 +239,18 @@ def all_reduce_estimate(
     ``has_b``: whether the meta-batch has a ``b`` (SupportQuery tasks); by default,
     whether this process's estimate has one (a process with no task has none).
     """
-    largest = torch.tensor([estimate.L, estimate.rho, estimate.b_max or 0.0], dtype=torch.float64)
-    summed = torch.tensor(
-        [(estimate.b or 0.0) * count, count, estimate.grad_evals, estimate.hvp_evals],
-        dtype=torch.float64,
+    largest = _all_reduce_values(
+        [estimate.L, estimate.rho, estimate.b_max or 0.0], group, dist.ReduceOp.MAX
     )
-    dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
-    dist.all_reduce(summed, group=group)
+    summed = _all_reduce_values(
+        [(estimate.b or 0.0) * count, count, estimate.grad_evals, estimate.hvp_evals], group
+    )
     has_b = estimate.b is not None if has_b is None else has_b
     return estimate._replace(
-        L=float(largest[0]),
-        rho=float(largest[1]),
-        b=float(summed[0] / summed[1]) if has_b else None,
-        b_max=float(largest[2]) if has_b else None,
+        L=largest[0],
+        rho=largest[1],
+        b=summed[0] / summed[1] if has_b else None,
+        b_max=largest[2] if has_b else None,
         grad_evals=int(summed[2]),
         hvp_evals=int(summed[3]),
     )
@@ -183,6 +258,5 @@ def all_reduce_estimate(
 
 def all_reduce_probe(total: float, count: int, group: dist.ProcessGroup) -> tuple[float, int]:
     """The sum of every process's probe-gradient norms, and of their numbers of probes."""
-    summed = torch.tensor([total, count], dtype=torch.float64)
-    dist.all_reduce(summed, group=group)
-    return float(summed[0]), int(summed[1])
+    summed = _all_reduce_values([total, count], group)
+    return summed[0], int(summed[1])

@@ -372,8 +372,8 @@ class Executor:
                 ]
             stacked = together
         plan = self._plan(params, stacked, True, count, memory)
-        if plan.size == count:
-            return [(stacked, count, plan.keep_graphs)]
+        if plan.size == count:  # one chunk of all (one task: without its task dimension)
+            return [(stacked if count > 1 else take(stacked, 0), count, plan.keep_graphs)]
         chunks, begin = [], 0
         for size in chunk_sizes(count, plan.size):
             index: int | slice = begin if size == 1 else slice(begin, begin + size)
