@@ -1,7 +1,10 @@
-"""The two workloads of the benchmark, defined once for every implementation.
+"""The workloads of the benchmark, defined once for every implementation.
 
 * ``sinusoid``: Finn et al.'s regression, a 1-40-40-1 ReLU MLP, 25 tasks of 10 support
   and 10 query points, inner step size 0.01.
+* ``sinusoid-B1``: the same with a meta-batch of one task (nothing to vectorise).
+* ``mlp640``: the same regression with a wide 1-640-640-1 ReLU MLP (0.4 M parameters,
+  1.6 MiB in float32, few activations), 25 tasks.
 * ``conv4``: the 4-block convnet of few-shot classification (3x3 convolutions with 64
   filters, batch normalisation with batch statistics, ReLU, 2x2 max pooling, a linear
   head), 8 tasks of 5-way 1-shot on 28x28 grey images with 5 query images per class,
@@ -32,13 +35,24 @@ class Workload:
     alpha: float
     make_model: Callable[[], nn.Module]
     make_data: Callable[[int, torch.Generator, torch.dtype], Data]
-    loss_fn: Callable[[nn.Module, tuple[Tensor, Tensor]], Tensor]
+    criterion: Callable[[Tensor, Tensor], Tensor]
+    """``criterion(output, target)``: the loss of the model's output."""
+
+    def loss_fn(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """``criterion(model(x), y)``: the loss closure of torch_maml, higher and TorchOpt."""
+        x, y = batch
+        return self.criterion(model(x), y)
 
 
-def sinusoid_model() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
-    )
+def mlp(width: int) -> Callable[[], nn.Module]:
+    """A factory of 1-``width``-``width``-1 ReLU MLPs."""
+
+    def make() -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(1, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1)
+        )
+
+    return make
 
 
 def sinusoid_data(tasks: int, generator: torch.Generator, dtype: torch.dtype) -> Data:
@@ -48,11 +62,6 @@ def sinusoid_data(tasks: int, generator: torch.Generator, dtype: torch.dtype) ->
     x = 10 * torch.rand(tasks, 2 * k, 1, generator=generator, dtype=dtype) - 5
     y = amplitude * torch.sin(x - phase)
     return x[:, :k], y[:, :k], x[:, k:], y[:, k:]
-
-
-def mse(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    x, y = batch
-    return F.mse_loss(model(x), y)
 
 
 def conv4_model() -> nn.Module:
@@ -78,14 +87,11 @@ def conv4_data(tasks: int, generator: torch.Generator, dtype: torch.dtype) -> Da
     return x_support, y_support, x_query, y_query
 
 
-def cross_entropy(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
-
-
 WORKLOADS = {
-    "sinusoid": Workload("sinusoid", 25, 0.01, sinusoid_model, sinusoid_data, mse),
-    "conv4": Workload("conv4", 8, 0.4, conv4_model, conv4_data, cross_entropy),
+    "sinusoid": Workload("sinusoid", 25, 0.01, mlp(40), sinusoid_data, F.mse_loss),
+    "sinusoid-B1": Workload("sinusoid-B1", 1, 0.01, mlp(40), sinusoid_data, F.mse_loss),
+    "mlp640": Workload("mlp640", 25, 0.01, mlp(640), sinusoid_data, F.mse_loss),
+    "conv4": Workload("conv4", 8, 0.4, conv4_model, conv4_data, F.cross_entropy),
 }
 
 

@@ -22,10 +22,14 @@ What happens at each meta step:
    when the optimizer was built), so all hold the same model without any further
    synchronisation.
 
-The result is the meta step on the whole meta-batch: in float64 (``--dtype float64``),
-two processes end, after ``--iterations`` steps, with the weights of one process that
-takes the whole meta-batch, up to rounding (``tests/test_distributed.py`` checks it to
-1e-10). ``--out PATH`` saves rank 0's final weights.
+The result is the meta step on the whole meta-batch. To show it, rank 0 then replays
+the same run in-process, on one process: the same initial weights, the same tasks, the
+whole meta-batch at every step, and prints the largest relative difference between a
+parameter tensor of the two runs, ``max_p ||w_p - w1_p|| / ||w1_p||``: rounding, which
+the steps compound. Measured with two processes after the default 300 steps: 7.6e-16
+in float64 (``--dtype float64``), 2.6e-5 in float32 (the default);
+``tests/test_examples.py`` and ``tests/test_distributed.py`` check it in float64.
+``--out PATH`` saves rank 0's final weights.
 """
 
 from __future__ import annotations
@@ -75,20 +79,46 @@ def to(task: tm.SupportQuery[Batch], device: torch.device) -> tm.SupportQuery[Ba
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=300)
-    parser.add_argument("--tasks", type=int, default=16, help="meta-batch size, all processes")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser = argparse.ArgumentParser(
+        description="Multi-step MAML on several processes with torch.distributed: each "
+        "process adapts to its shard of the meta-batch, the meta gradients are averaged "
+        "over all of them, and rank 0 checks the result against one process on the "
+        "whole meta-batch. Start it with torchrun (or plainly, for one process)."
+    )
+    parser.add_argument(
+        "--iterations", type=int, default=300, help="meta steps (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--tasks",
+        type=int,
+        default=16,
+        help="tasks per meta-batch, over all processes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the weights and tasks (default: 0)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float64"],
+        default="float32",
+        help="the model's and the tasks' dtype (default: float32)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cpu (gloo backend) or cuda (NCCL, the GPU of each process's local rank)",
+    )
     parser.add_argument(
         "--outer",
         choices=["constant", "adaptive"],
         default="constant",
         help="outer step: Constant(0.01), or SmoothnessAdaptive, whose probe gradient "
-        "norms are averaged over the processes too",
+        "norms are averaged over the processes too (default: constant)",
     )
-    parser.add_argument("--out", type=Path, default=None, help="save rank 0's final weights")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="a file to save rank 0's final weights to"
+    )
     parser.add_argument("--quick", action="store_true", help="5 iterations of 5 tasks")
     args = parser.parse_args(argv)
     if args.quick:
@@ -96,18 +126,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Tensor]:
-    args = parse_args(argv)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = torch.device(args.device)
-    if distributed:
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-        if args.device == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+def train(
+    args: argparse.Namespace,
+    rank: int,
+    world: int,
+    device: torch.device,
+    distributed: bool,
+    report: bool,
+) -> dict[str, Tensor]:
+    """Meta-train on this process's shard of every meta-batch: the final weights."""
     dtype = getattr(torch, args.dtype)
-
     # Each process may start from different weights: the optimizer broadcasts rank 0's.
     torch.manual_seed(args.seed + rank)
     model = nn.Sequential(
@@ -131,12 +159,40 @@ def main(argv: list[str] | None = None) -> dict[str, Tensor]:
         tasks = sample_tasks(args.tasks, tasks_generator, dtype)
         shard = [to(task, device) for task in tasks[rank::world]]
         info = meta_opt.step(shard)  # info.loss: the mean over all processes' tasks
-        if rank == 0 and (iteration % 50 == 0 or iteration == args.iterations):
+        if report and (iteration % 50 == 0 or iteration == args.iterations):
             print(f"iteration {iteration}: mean query loss after adaptation {info.loss:.4f}")
+    return {name: p.detach().cpu() for name, p in model.named_parameters()}
 
-    weights = {name: p.detach().cpu() for name, p in model.named_parameters()}
+
+def max_relative_difference(weights: dict[str, Tensor], reference: dict[str, Tensor]) -> float:
+    """``max_p ||w_p - r_p|| / ||r_p||`` over the parameter tensors ``p``."""
+    return max(
+        float((weights[name] - r).norm() / r.norm().clamp_min(torch.finfo(r.dtype).tiny))
+        for name, r in reference.items()
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Tensor]:
+    args = parse_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = torch.device(args.device)
+    if distributed:
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        if args.device == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+
+    weights = train(args, rank, world, device, distributed, report=rank == 0)
     if rank == 0:
-        print(f"{world} process(es), {args.tasks} tasks per meta-batch: done")
+        # The same run on one process, on the whole meta-batch at every step.
+        reference = train(args, 0, 1, device, distributed=False, report=False)
+        difference = max_relative_difference(weights, reference)
+        print(
+            f"{world} process(es), {args.tasks} tasks per meta-batch, {args.iterations} "
+            f"steps, {args.dtype}: done; max relative difference from one process on "
+            f"the whole meta-batch: {difference:.1e}"
+        )
         if args.out is not None:
             torch.save(weights, args.out)
     if distributed:

@@ -503,7 +503,7 @@ def plot_returns(
 ) -> None:
     """Held-out mean return before and after adaptation, over meta-training."""
     iterations = [iteration for iteration, _ in curve]
-    figure, axes = plt.subplots(figsize=(6.5, 4))
+    figure, axes = plt.subplots(figsize=(6.5, 5))
     axes.plot(
         iterations,
         [e.post for _, e in curve],
@@ -536,7 +536,9 @@ def plot_returns(
         ylabel="mean return (held-out goals)",
         title="2D navigation: return before and after adaptation",
     )
-    axes.legend(fontsize=8)
+    axes.margins(y=0.08)  # the reference line clear of the frame
+    # Below the axes, where it cannot cover a curve whatever the run's numbers.
+    axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

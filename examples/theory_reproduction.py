@@ -243,15 +243,15 @@ def held_out_loss(
 ) -> float:
     """Mean over held-out tasks of the query loss after adaptation, minus ``offset``.
 
-    All tasks at once: the optimizer's inner loop, vectorised over the stacked tasks with
-    :func:`torch_maml.functional.batched_ops`.
+    All tasks at once: the optimizer's inner loop, run by
+    :func:`torch_maml.algorithms.rollout` on operations vectorised over the stacked
+    tasks (:class:`torch_maml.Ops` with ``batched=True``).
     """
-    ops = tm.functional.batched_ops(meta_opt.objective.loss, meta_opt.objective.inner_loop)
-    w = {n: p.expand(len(tasks), *p.shape) for n, p in meta_opt.objective.loss.params().items()}
-    state = ops.init(w)
-    for _ in range(meta_opt.objective.inner_loop.steps):
-        w, state = ops.step(w, state, tasks.support)
-    _, losses = ops.loss_grad(w, tasks.query)
+    objective = meta_opt.objective
+    ops = tm.Ops(objective.loss, objective.inner_loop, batched=True)
+    w = {n: p.expand(len(tasks), *p.shape) for n, p in objective.loss.params().items()}
+    adapted = tm.algorithms.rollout(ops, w, [tasks.support] * objective.inner_loop.steps)
+    losses = ops.value(adapted.params, tasks.query)
     return float((losses - offset).mean())
 
 
