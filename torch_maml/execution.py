@@ -23,10 +23,11 @@ task's loss saves for backward and the adapted parameters' size ``p``
 (:func:`estimate_task_bytes`): a task's working set is ``lean = 3a + (N + 2) p``
 (one step's forward, backward and double-backward graphs, and the iterates) or
 ``kept = (2N + 3) a + (N + 2) p`` (every step's graph, as autograd through the
-unrolled loop keeps). A chunk may use ``max(4 lean, 256 MiB)``: the whole meta-batch
-at once with every step's graph kept if that fits, else as many tasks as fit with
-steps recomputed. On the CPU, tasks of more than 1 MiB (activations and parameters)
-run one by one: they are compute-bound, and vectorising them only costs memory.
+unrolled loop keeps). A chunk may use ``max(4 lean, 256 MiB)``, or on a GPU up to an
+eighth of its memory if that is more: the whole meta-batch at once with every step's
+graph kept if that fits, else as many tasks as fit with steps recomputed. On the CPU,
+tasks of more than 1 MiB (activations and parameters) run one by one: they are
+compute-bound, and vectorising them only costs memory.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ __all__ = [
     "AUTO_CHUNK_BYTES",
     "AUTO_CHUNK_FACTOR",
     "AUTO_CPU_TASK_BYTES",
+    "AUTO_DEVICE_SHARE",
     "CAPTURE_BOUND",
     "Algorithm",
     "CaptureSetting",
@@ -102,6 +104,8 @@ AUTO_CHUNK_BYTES = 256 * 2**20
 """...or this many bytes, whichever is more."""
 AUTO_CPU_TASK_BYTES = 2**20
 """On the CPU, tasks of more bytes than this (activations and parameters) run one by one."""
+AUTO_DEVICE_SHARE = 8
+"""On a GPU, ``"auto"`` also lets a chunk use up to 1/8 of the device's memory."""
 
 
 def check_chunk_size(value: object) -> ChunkSize:
@@ -180,6 +184,8 @@ class TaskFootprint(NamedTuple):
     """The working set with every inner step's graph kept: ``(2N + 3) a + (N + 2) p``."""
     on_cpu: bool
     """Whether the parameters live on the CPU."""
+    device_memory: int = 0
+    """The memory of the parameters' GPU, in bytes (0 on the CPU)."""
 
 
 def _saved_bytes(loss: TaskLoss, params: Params, batch: Batch) -> int:
@@ -217,12 +223,15 @@ def estimate_task_bytes(loss: TaskLoss, params: Params, sample: TaskData) -> Tas
     steps = len(sample.inner)
     iterates = (steps + 2) * parameters
     on_cpu = all(p.device.type == "cpu" for p in params.values())
+    device = next(iter(params.values())).device
+    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
     return TaskFootprint(
         activations,
         parameters,
         max(1, 3 * activations + iterates),
         max(1, (2 * steps + 3) * activations + iterates),
         on_cpu,
+        memory,
     )
 
 
@@ -244,7 +253,11 @@ def plan_chunks(
         footprint: :func:`estimate_task_bytes` of one task.
         memory: ``"unrolled"`` for algorithms that keep every step's graph anyway.
     """
-    budget = max(AUTO_CHUNK_FACTOR * footprint.lean, AUTO_CHUNK_BYTES)
+    budget = max(
+        AUTO_CHUNK_FACTOR * footprint.lean,
+        AUTO_CHUNK_BYTES,
+        footprint.device_memory // AUTO_DEVICE_SHARE,
+    )
     if setting == "auto":
         per_task = footprint.activations + footprint.parameters
         if tasks == 1 or (footprint.on_cpu and per_task > AUTO_CPU_TASK_BYTES):
@@ -309,6 +322,13 @@ class Executor:
             raise TypeError(
                 "'compile' must be a bool or a dict of torch.compile options "
                 f"(got an object of type {type(compile).__name__})"
+            )
+        mode = compile.get("mode") if isinstance(compile, Mapping) else None
+        if mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(
+                f"'compile' mode {mode!r} captures CUDA graphs of its own inside a meta "
+                "step, which torch_maml captures whole: drop the mode (capture='auto', the "
+                "default, captures compiled steps on a GPU) or use 'max-autotune-no-cudagraphs'"
             )
         self.loss = loss
         self.inner_loop = inner_loop
