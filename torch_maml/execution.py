@@ -690,7 +690,7 @@ class StepCapture:
 
     ``run(region, inputs, layout, reason)`` runs ``region(inputs, commit=True)``: eagerly,
     or from a CUDA graph. A signature (``layout.key``) runs eagerly the first time it is
-    seen; the second time, the region is warmed up twice on a side stream (the first
+    seen; the second time, the region is warmed up twice on a side stream (the second
     time with :func:`no_host_sync`, and without committing anything) and captured, and
     from then on each step copies its tensors into the graph's static inputs and
     replays it. At most :data:`CAPTURE_BOUND` graphs are kept. Whatever prevents a
@@ -769,9 +769,9 @@ class StepCapture:
         side = torch.cuda.Stream()  # type: ignore[no-untyped-call]  # torch's own stub
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            with no_host_sync():
+            region(inputs, False)  # lazy initialisation, compilation (which synchronises)
+            with no_host_sync():  # the work itself must not: a sync cannot be captured
                 region(inputs, False)
-            region(inputs, False)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
