@@ -595,7 +595,7 @@ def no_host_sync() -> Iterator[None]:
     :class:`HostSyncError`, on any device: a function that runs under it without an
     error makes none of these synchronisations, and so can be captured as a CUDA graph
     (as far as Python can tell; a synchronising kernel called from C++ is not seen).
-    Used for the first warm-up of every capture, and by ``capture="check"``.
+    Used for the second warm-up of every capture, and by ``capture="check"``.
     """
     originals = {name: getattr(Tensor, name) for name in _SYNCING_METHODS}
     synchronize = torch.cuda.synchronize
