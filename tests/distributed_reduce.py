@@ -10,7 +10,7 @@ import json
 
 import torch.distributed as dist
 
-from torch_maml.optimizer import _all_reduce_estimate
+from torch_maml.distributed import all_reduce_estimate
 from torch_maml.theory import SmoothnessEstimate
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     )
     group = dist.group.WORLD
     assert group is not None  # initialised above
-    combined = _all_reduce_estimate(mine, shard, group)
+    combined = all_reduce_estimate(mine, shard, group)
     if rank == 0:
         print(json.dumps(combined._asdict()))
     dist.barrier()

@@ -3,7 +3,8 @@ the whole meta-batch, in float64 to 1e-10, through ``examples/distributed.py``.
 
 5 tasks per meta-batch: shards of 3 and 2 tasks, so a plain average of the two
 processes' means would be wrong; the probe gradients of SmoothnessAdaptive are
-averaged over the processes too.
+averaged over the processes too. The torchrun tests are integration tests; the
+checks of the ``distributed`` argument run in the fast loop.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def run(command: list[str], out: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("outer", ["constant", "adaptive"])
 def test_two_processes_match_one_on_the_whole_meta_batch(tmp_path: Path, outer: str) -> None:
     one = run([sys.executable, EXAMPLE, "--outer", outer], tmp_path / "one.pt")
@@ -58,6 +60,7 @@ def test_two_processes_match_one_on_the_whole_meta_batch(tmp_path: Path, outer: 
     assert float((flat_two - flat_one).norm() / flat_one.norm()) < 1e-10
 
 
+@pytest.mark.integration
 def test_smoothness_estimates_combine_over_processes(tmp_path: Path) -> None:
     """Maxima of L, rho and b_max; b weighted by shard size; counts summed."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -83,3 +86,15 @@ def test_smoothness_estimates_combine_over_processes(tmp_path: Path) -> None:
     assert combined["b"] == pytest.approx((1.0 * 2 + 4.0 * 3) / 5, rel=1e-15)
     assert combined["grad_evals"] == 2 * 5
     assert combined["hvp_evals"] == 100 * 5
+
+
+def test_the_distributed_argument_is_checked() -> None:
+    from torch_maml.distributed import process_group
+
+    assert process_group(False) is None
+    with pytest.raises(TypeError, match=r"'distributed' must be a bool or a torch\.distributed"):
+        process_group("gloo")  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match=r"'distributed' needs torch\.distributed to be initialised"
+    ):
+        process_group(True)

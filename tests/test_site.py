@@ -3,7 +3,7 @@
 The site is built once, into a temporary directory (never into the repository), by
 the same command a user runs: ``python -m mkdocs build --strict``. Strict mode makes
 every warning an error: a broken link or anchor, a cross-reference in a docstring
-that does not resolve, a page missing from the navigation.
+that does not resolve, a page missing from the navigation. An integration test.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 import torch_maml
+
+pytestmark = pytest.mark.integration
 
 pytest.importorskip("mkdocs", reason="the docs extra is not installed: pip install '.[docs]'")
 pytest.importorskip("mkdocstrings_handlers.python", reason="mkdocstrings[python] is not installed")

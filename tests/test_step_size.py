@@ -1,4 +1,9 @@
-"""Outer step sizes: Constant follows param_groups; SmoothnessAdaptive is eq. 14 / eq. 22."""
+"""Outer step sizes: Constant follows param_groups; SmoothnessAdaptive is eq. 14 / eq. 22.
+
+SmoothnessAdaptive with given constants, then with constants estimated from data
+(``from_data``) and re-estimated during training (``every``), on the cubics of
+tests/problems.py, whose constants are known; and a user's stateful policy.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,12 @@ from torch import Tensor
 
 import torch_maml as tm
 from tests.problems import (
+    CUBIC_DIM,
+    Cubic,
     QuadraticSequence,
     Vector,
+    cubic_family,
+    cubic_loss,
     make_mlp,
     mse_by_hand,
     mse_loss,
@@ -21,7 +30,7 @@ from tests.problems import (
 )
 from torch_maml import theory
 
-ALPHA = 0.05
+INNER_LR = 0.05
 
 
 def test_constant_uses_the_current_param_group_lr() -> None:
@@ -29,7 +38,7 @@ def test_constant_uses_the_current_param_group_lr() -> None:
     meta_opt = tm.MetaOptimizer(
         make_mlp(0),
         mse_loss,
-        inner_loop=tm.GradientDescent(steps=1, lr=ALPHA),
+        inner_loop=tm.GradientDescent(steps=1, lr=INNER_LR),
         estimator=tm.FiniteSum(),
         step_size=tm.Constant(0.01),
     )
@@ -59,7 +68,7 @@ def test_smoothness_adaptive_finite_sum_is_eq_22(constants: Any, use_probe_tasks
     meta_opt = tm.MetaOptimizer(
         model,
         mse_loss,
-        inner_loop=tm.GradientDescent(steps=steps, lr=ALPHA),
+        inner_loop=tm.GradientDescent(steps=steps, lr=INNER_LR),
         estimator=tm.FiniteSum(),
         step_size=policy,
     )
@@ -69,7 +78,7 @@ def test_smoothness_adaptive_finite_sum_is_eq_22(constants: Any, use_probe_tasks
     probe_tasks = probe if probe is not None else tasks
     mean_norm = sum(query_grad_norm(weights, t) for t in probe_tasks) / len(probe_tasks)
     lhat = theory.smoothness_finite_sum(
-        alpha=ALPHA, L=2.0, rho=2.0, steps=steps, b=0.3, grad_norm=mean_norm, constants=constants
+        alpha=INNER_LR, L=2.0, rho=2.0, steps=steps, b=0.3, grad_norm=mean_norm, constants=constants
     )
     assert info.lhat == pytest.approx(lhat, rel=1e-12)
     assert info.beta == pytest.approx(1.0 / (80 * lhat), rel=1e-12)
@@ -92,14 +101,14 @@ def test_smoothness_adaptive_resampling_is_eq_14_on_fresh_samples() -> None:
     meta_opt = tm.MetaOptimizer(
         Vector(w),
         quadratic_loss,
-        inner_loop=tm.GradientDescent(steps=steps, lr=ALPHA),
+        inner_loop=tm.GradientDescent(steps=steps, lr=INNER_LR),
         estimator=tm.Resampled(inner_size=1, hessian_size=2, outer_size=3),
         step_size=policy,
     )
     info = meta_opt.step(tasks)
     mean_norm = sum(float((a @ w - c).norm()) for a, c in probes) / len(probes)
     lhat = theory.smoothness_resampling(
-        alpha=ALPHA, L=2.0, rho=1.5, steps=steps, grad_norm=mean_norm
+        alpha=INNER_LR, L=2.0, rho=1.5, steps=steps, grad_norm=mean_norm
     )
     assert info.lhat == pytest.approx(lhat, rel=1e-12)
     assert info.beta == pytest.approx(0.5 / (100 * lhat), rel=1e-12)
@@ -113,7 +122,7 @@ def test_smoothness_adaptive_probes_default_to_the_outer_size() -> None:
     meta_opt = tm.MetaOptimizer(
         Vector(torch.zeros(2, dtype=torch.float64)),
         quadratic_loss,
-        inner_loop=tm.GradientDescent(steps=1, lr=ALPHA),
+        inner_loop=tm.GradientDescent(steps=1, lr=INNER_LR),
         estimator=tm.Resampled(inner_size=1, hessian_size=2, outer_size=3),
         step_size=tm.SmoothnessAdaptive(L=2.0, rho=1.0, c_beta=100),
     )
@@ -128,7 +137,7 @@ def test_a_scheduler_scales_the_adaptive_step() -> None:
     meta_opt = tm.MetaOptimizer(
         make_mlp(0),
         mse_loss,
-        inner_loop=tm.GradientDescent(steps=1, lr=ALPHA),
+        inner_loop=tm.GradientDescent(steps=1, lr=INNER_LR),
         estimator=tm.FiniteSum(),
         step_size=tm.SmoothnessAdaptive(L=1.0, rho=0.0, c_beta=10),  # rho = 0: Lhat = (1+aL)^2 L
     )
@@ -136,7 +145,7 @@ def test_a_scheduler_scales_the_adaptive_step() -> None:
     first = meta_opt.step(tasks)
     scheduler.step()
     second = meta_opt.step(tasks)
-    assert first.lhat == second.lhat == pytest.approx((1 + ALPHA) ** 2)
+    assert first.lhat == second.lhat == pytest.approx((1 + INNER_LR) ** 2)
     assert second.beta == pytest.approx(first.beta / 2, rel=1e-15)
 
 
@@ -176,7 +185,7 @@ def test_b_is_refused_for_sampler_tasks() -> None:
     meta_opt = tm.MetaOptimizer(
         Vector(torch.zeros(2, dtype=torch.float64)),
         quadratic_loss,
-        inner_loop=tm.GradientDescent(steps=1, lr=ALPHA),
+        inner_loop=tm.GradientDescent(steps=1, lr=INNER_LR),
         estimator=tm.Resampled(inner_size=1, hessian_size=2, outer_size=3),
         step_size=tm.SmoothnessAdaptive(L=2.0, rho=1.0, c_beta=100, b=0.5),
     )
@@ -231,7 +240,7 @@ def test_a_policy_keeps_its_state_in_the_optimizer_and_resumes_with_it() -> None
         return tm.MetaOptimizer(
             make_mlp(0),
             mse_loss,
-            inner_loop=tm.GradientDescent(steps=1, lr=ALPHA),
+            inner_loop=tm.GradientDescent(steps=1, lr=INNER_LR),
             estimator=tm.FiniteSum(),
             step_size=NormalisedStep(0.01),
         )
@@ -258,3 +267,79 @@ def test_a_policy_keeps_its_state_in_the_optimizer_and_resumes_with_it() -> None
     resumed.load_state_dict(meta_opt.state_dict())
     assert resumed.step_size_state == meta_opt.step_size_state
     assert resumed.step(tasks).beta == meta_opt.step(tasks).beta
+
+
+# ---------------------------------------------------------------- SmoothnessAdaptive.from_data
+
+
+def cubic_optimizer(policy: tm.SmoothnessAdaptive, w: Tensor) -> tm.MetaOptimizer[Vector, Cubic]:
+    return tm.MetaOptimizer(
+        Vector(w),
+        cubic_loss,
+        inner_loop=tm.GradientDescent(steps=3, lr=0.02),
+        estimator=tm.FiniteSum(),
+        step_size=policy,
+        generator=torch.Generator().manual_seed(0),  # re-estimates draw their directions here
+    )
+
+
+def test_from_data_uses_the_estimates_in_eq_22() -> None:
+    tasks, _ = cubic_family([0.5, 1.0])
+    w = torch.full((CUBIC_DIM,), 0.1, dtype=torch.float64)
+    est = tm.theory.estimate_smoothness(Vector(w), cubic_loss, tasks)
+    policy = tm.SmoothnessAdaptive.from_data(Vector(w), cubic_loss, tasks, c_beta=80)
+    assert (policy.L, policy.rho, policy.b) == (est.L, est.rho, est.b)
+    assert abs(policy.rho - 1.0) < 1e-6
+    by_hand = tm.SmoothnessAdaptive(L=est.L, rho=est.rho, c_beta=80, b=est.b or 0.0)
+    info = cubic_optimizer(policy, w).step(tasks)
+    expected = cubic_optimizer(by_hand, w).step(tasks)
+    assert info.beta == expected.beta
+    assert info.lhat == expected.lhat
+
+
+def test_reestimates_every_k_steps_at_the_current_weights() -> None:
+    tasks, _ = cubic_family([0.5, 1.0], seed=8)
+    w = torch.full((CUBIC_DIM,), 0.1, dtype=torch.float64)
+    policy = tm.SmoothnessAdaptive.from_data(Vector(w), cubic_loss, tasks, c_beta=80, every=2)
+    meta_opt = cubic_optimizer(policy, w)
+    infos = []
+    for k in range(5):
+        w_k = meta_opt.model.w.detach().clone()
+        infos.append(meta_opt.step(tasks))
+        state = meta_opt.step_size_state
+        if k < 2:
+            assert state == {}
+        if k in (2, 4):  # re-estimated at w_k: the Hessian of (A, c, U, kappa) at w is
+            true_l = 0.0  # A + kappa U diag(U^T w) U^T
+            for task in tasks:
+                for a, _, u, kappa in (task.support, task.query):
+                    hessian = a + kappa * u @ torch.diag(u.T @ w_k) @ u.T
+                    true_l = max(true_l, float(torch.linalg.eigvalsh(hessian).abs().max()))
+            assert abs(state["L"] - true_l) / true_l < 1e-6
+            assert abs(state["rho"] - 1.0) < 1e-6
+    # A re-estimating step pays for it: its HVP count is far above FiniteSum's B*N.
+    assert infos[0].hvp_evals == infos[1].hvp_evals == 2 * 3
+    assert infos[2].hvp_evals > 10 * infos[1].hvp_evals
+
+
+def test_reestimated_constants_are_saved_and_resume_exactly() -> None:
+    tasks, _ = cubic_family([0.5, 1.0], seed=9)
+    w = torch.full((CUBIC_DIM,), 0.1, dtype=torch.float64)
+    # Bitwise the same after a resume, whatever the estimates' precision: 30 iterations.
+    policy = tm.SmoothnessAdaptive.from_data(
+        Vector(w), cubic_loss, tasks, c_beta=80, every=2, iterations=30, restarts=1
+    )
+    straight = cubic_optimizer(policy, w)
+    for _ in range(5):
+        straight.step(tasks)
+    first = cubic_optimizer(policy, w)
+    for _ in range(3):
+        first.step(tasks)
+    checkpoint = first.state_dict(), first.model.state_dict()
+    resumed = cubic_optimizer(policy, torch.zeros(CUBIC_DIM, dtype=torch.float64))
+    resumed.model.load_state_dict(checkpoint[1])
+    resumed.load_state_dict(checkpoint[0])
+    assert resumed.step_size_state == first.step_size_state != {}
+    for _ in range(2):
+        resumed.step(tasks)
+    assert torch.equal(resumed.model.w, straight.model.w)

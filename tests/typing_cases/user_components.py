@@ -1,8 +1,9 @@
 """Components a user writes in their own package, against torch_maml's public Protocols.
 
 This module stands for third-party code: it imports nothing private. mypy --strict
-checks it (tests/test_static.py), and tests/test_user_components.py checks that
-each component works when passed to a MetaOptimizer.
+checks it (tests/test_static.py), and the test modules of the components check that
+each works when passed to a MetaOptimizer (tests/test_inner.py, tests/test_objective.py,
+tests/test_step_size.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,31 @@ class HeavyBall:
         return {name: p - self.lr * velocity[name] for name, p in params.items()}, velocity
 
 
+class Traced:
+    """A transparent wrapper of the user's: any inner loop, its steps counted.
+
+    It forwards every attribute it does not define to the wrapped loop (``steps``,
+    and ``descent_lr`` of a gradient-descent loop), so it is accepted wherever the
+    wrapped loop is.
+    """
+
+    def __init__(self, inner_loop: tm.InnerLoop) -> None:
+        self.inner_loop = inner_loop
+        self.updates = 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or "inner_loop" not in self.__dict__:
+            raise AttributeError(name)  # copy and pickle look for these before __init__ ran
+        return getattr(self.inner_loop, name)
+
+    def init(self, params: Params) -> InnerState:
+        return self.inner_loop.init(params)
+
+    def update(self, params: Params, grads: Params, state: InnerState) -> tuple[Params, InnerState]:
+        self.updates += 1
+        return self.inner_loop.update(params, grads, state)
+
+
 class FirstOrder:
     """First-order MAML: ``G_i = grad l(w_N; query)``, dropping the Hessian product."""
 
@@ -44,7 +70,7 @@ class FirstOrder:
         tasks: Sequence[tm.Task[Any]],
         generator: torch.Generator,
     ) -> tm.MetaGradient:
-        counts = tm.functional.OracleCounts()
+        counts = tm.OracleCounts()
         total: Params = {name: torch.zeros_like(p) for name, p in params.items()}
         losses = []
         for task in tasks:

@@ -1,12 +1,16 @@
-"""Real models: BatchNorm (train and eval), tied weights, frozen parameters, submodules
-called by the loss, a selection of adapted parameters (ANIL), and dtypes.
+"""The user's module as ``l(w; batch)``: real models in meta steps.
 
-Each meta gradient is checked in float64 against the model written out by hand and
-differentiated through the unrolled inner loop with ``torch.autograd``.
+:class:`tm.TaskLoss` swaps parameters in and restores them exactly; then, through the
+optimizer: BatchNorm (train and eval), tied weights, frozen parameters, submodules
+called by the loss, a selection of adapted parameters (ANIL), buffers written by a
+forward pass, and dtypes. Each meta gradient is checked in float64 against the model
+written out by hand and differentiated through the unrolled inner loop with
+``torch.autograd``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,11 +20,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import torch_maml as tm
-from tests.problems import params_relative_error, regression_tasks
+from tests.problems import (
+    ALPHA,
+    SAME,
+    STEPS,
+    TIGHT,
+    FixedBatches,
+    Pair,
+    make_mlp,
+    meta_gradient,
+    mlp_by_hand,
+    mse_loss,
+    params_relative_error,
+    regression_tasks,
+)
 
-ALPHA, STEPS, TASKS = 0.1, 3, 4
+TASKS = 4
 Forward = Callable[[Sequence[Tensor], Tensor], Tensor]
-Tasks = list[tm.SupportQuery[tuple[Tensor, Tensor]]]
+Tasks = list[tm.SupportQuery[Pair]]
+LossFn = Callable[[nn.Module, Pair], Tensor]
 
 
 def by_hand(
@@ -58,27 +76,19 @@ def tasks_for(seed: int, dim: int = 1) -> Tasks:
     lift = torch.Generator().manual_seed(seed + 1)
     projection = torch.randn(1, dim, generator=lift, dtype=torch.float64)
 
-    def up(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def up(batch: Pair) -> Pair:
         return torch.tanh(batch[0] @ projection), batch[1] @ projection.abs()
 
     return [tm.SupportQuery(up(t.support), up(t.query)) for t in tasks]
 
 
-def mse(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    x, y = batch
-    return F.mse_loss(model(x), y)
-
-
-LossFn = Callable[[nn.Module, tuple[Tensor, Tensor]], Tensor]
-
-
 def build(
     model: nn.Module,
-    loss_fn: LossFn = mse,
+    loss_fn: LossFn = mse_loss,
     estimator: tm.MetaGradientEstimator | None = None,
     steps: int = STEPS,
     **options: Any,
-) -> tm.MetaOptimizer[nn.Module, tuple[Tensor, Tensor]]:
+) -> tm.MetaOptimizer[nn.Module, Pair]:
     return tm.MetaOptimizer(
         model,
         loss_fn,
@@ -93,13 +103,13 @@ def meta_grads(
     model: nn.Module,
     tasks: Any,
     estimator: tm.MetaGradientEstimator,
-    loss_fn: LossFn = mse,
+    loss_fn: LossFn = mse_loss,
     **options: Any,
 ) -> dict[str, Tensor]:
-    optimizer = build(model, loss_fn, estimator, **options)
-    optimizer.zero_grad()
-    optimizer.meta_backward(tasks)
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads, _ = meta_gradient(
+        model, loss_fn, tm.GradientDescent(STEPS, ALPHA), estimator, tasks, **options
+    )
+    return grads
 
 
 ESTIMATORS = [tm.FiniteSum(), tm.Exact()]
@@ -110,6 +120,71 @@ def as_path(tasks: Tasks, path: str) -> tuple[Any, dict[str, Any]]:
     if path == "stacked":
         return tm.StackedTasks.stack(tasks), {}
     return tasks, {"task_chunk_size": 1 if path == "one by one" else None}
+
+
+def named(model: nn.Module, values: Sequence[Tensor]) -> dict[str, Tensor]:
+    return dict(zip([n for n, _ in model.named_parameters()], values, strict=True))
+
+
+# ---------------------------------------------------------------- TaskLoss
+
+
+class Shared(nn.Module):
+    """One Linear reachable under two names, and a weight tied between two layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(2, 2).double()
+        self.again = self.first  # the same submodule, a second name
+        self.other = nn.Linear(2, 2).double()
+        self.other.weight = self.first.weight  # tied
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.other(self.again(x))
+        return out
+
+
+def test_task_loss_swaps_every_place_and_restores_each_exactly_once() -> None:
+    """torch.func.functional_call leaves a submodule registered twice holding the swapped
+    tensors; TaskLoss puts the module's own parameters back in every place."""
+    model = Shared()
+    originals = {id(p) for p in model.parameters()}
+    names = [n for n, _ in model.named_parameters()]
+    assert names == ["first.weight", "first.bias", "other.bias"]
+    loss = tm.TaskLoss(model, mse_loss, names)
+    params = {n: torch.randn_like(p) for n, p in loss.params().items()}
+    x = torch.randn(5, 2, dtype=torch.float64)
+    batch = (x, torch.zeros(5, 2, dtype=torch.float64))
+    w, b1, b2 = params["first.weight"], params["first.bias"], params["other.bias"]
+    expected = F.mse_loss((x @ w.T + b1) @ w.T + b2, batch[1])
+    assert torch.allclose(loss(params, batch), expected, rtol=SAME, atol=0)
+    assert {id(p) for p in model.parameters()} == originals
+    assert model.again.weight is model.first.weight is model.other.weight
+    assert isinstance(model.other.weight, nn.Parameter)
+
+
+def test_task_loss_restores_the_module_when_the_loss_raises() -> None:
+    model = make_mlp(0)
+    before = list(model.parameters())
+
+    def failing(model: nn.Module, batch: Pair) -> Tensor:
+        raise RuntimeError("from the user's loss")
+
+    loss = tm.TaskLoss(model, failing, [n for n, _ in model.named_parameters()])
+    with pytest.raises(RuntimeError, match="from the user's loss"):
+        loss({n: torch.zeros_like(p) for n, p in loss.params().items()}, None)
+    assert all(p is q for p, q in zip(model.parameters(), before, strict=True))
+
+
+def test_task_loss_swaps_only_the_named_parameters() -> None:
+    model = make_mlp(0)
+    loss = tm.TaskLoss(model, mse_loss, ["2.weight", "2.bias"])
+    assert set(loss.params()) == {"2.weight", "2.bias"}
+    x = torch.randn(4, 1, dtype=torch.float64)
+    params = {"2.weight": torch.zeros(1, 8, dtype=torch.float64), "2.bias": torch.ones(1).double()}
+    # the head outputs 1 whatever the body: the loss of y = 1 is 0
+    assert float(loss(params, (x, torch.ones(4, 1, dtype=torch.float64))).detach()) == 0.0
 
 
 # ---------------------------------------------------------------- BatchNorm
@@ -134,9 +209,7 @@ class BatchNormNet(nn.Module):
         return out
 
 
-def batch_norm_by_hand(
-    eps: float, running: tuple[Tensor, Tensor] | None
-) -> Callable[[Sequence[Tensor], Tensor], Tensor]:
+def batch_norm_by_hand(eps: float, running: tuple[Tensor, Tensor] | None) -> Forward:
     def forward(w: Sequence[Tensor], x: Tensor) -> Tensor:
         w1, b1, gamma, beta, w2, b2 = w
         h = x @ w1.T + b1
@@ -164,12 +237,11 @@ def test_batch_norm_meta_gradient_and_running_stats(
         None if mode == "train" else (buffers["norm.running_mean"], buffers["norm.running_var"])
     )
     expected = by_hand(batch_norm_by_hand(model.norm.eps, running), list(model.parameters()), tasks)
-    names = [n for n, _ in model.named_parameters()]
 
     data, options = as_path(tasks, path)
     grads = meta_grads(model, data, estimator, **options)
 
-    assert params_relative_error(grads, dict(zip(names, expected, strict=True))) < 1e-10
+    assert params_relative_error(grads, named(model, expected)) < TIGHT
     for name, before in buffers.items():  # running statistics untouched, in both modes
         assert torch.equal(dict(model.named_buffers())[name], before), name
     assert model.norm.track_running_stats  # restored after the step
@@ -187,6 +259,36 @@ def test_batch_norm_adapt_and_step_leave_running_stats() -> None:
     assert not torch.equal(
         dict(model.named_buffers())["norm.running_mean"], before["norm.running_mean"]
     )
+
+
+class CallCounter(nn.Module):
+    """An MLP whose forward pass counts its calls in a buffer, in place."""
+
+    calls: Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_mlp(0)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls.add_(1)
+        out: Tensor = self.net(x)
+        return out
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_buffers_written_by_the_forward_pass_are_restored_after_a_step(path: str) -> None:
+    model = CallCounter()
+    tasks = tasks_for(seed=3)
+    data, options = as_path(tasks, path)
+    optimizer = build(model, **options)
+    optimizer.step(data)
+    optimizer.meta_backward(data)
+    optimizer.adapt(tasks[0])
+    assert float(model.calls) == 0.0
+    model(tasks[0].support[0])
+    assert float(model.calls) == 1.0  # outside a meta step, the forward pass is the user's
 
 
 # ---------------------------------------------------------------- tied weights
@@ -223,7 +325,7 @@ def test_tied_weights_adapt_and_update_as_one(
     expected = by_hand(tied_by_hand, list(model.parameters()), tasks)
     data, options = as_path(tasks, path)
     grads = meta_grads(model, data, estimator, **options)
-    assert params_relative_error(grads, dict(zip(names, expected, strict=True))) < 1e-10
+    assert params_relative_error(grads, named(model, expected)) < TIGHT
 
 
 def test_tied_weights_stay_tied_after_a_step() -> None:
@@ -236,16 +338,6 @@ def test_tied_weights_stay_tied_after_a_step() -> None:
 
 
 # ---------------------------------------------------------------- frozen parameters
-
-
-def mlp_by_hand(w: Sequence[Tensor], x: Tensor) -> Tensor:
-    w1, b1, w2, b2 = w
-    return torch.tanh(x @ w1.T + b1) @ w2.T + b2
-
-
-def make_mlp(seed: int) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double()
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS, ids=["FiniteSum", "Exact"])
@@ -271,7 +363,7 @@ def test_frozen_parameters_are_never_adapted_nor_updated(
     grads = meta_grads(model, data, estimator, **options)
     assert sorted(grads) == ["0.weight", "2.bias", "2.weight"]
     want = dict(zip(["0.weight", "2.weight", "2.bias"], expected, strict=True))
-    assert params_relative_error(grads, want) < 1e-10
+    assert params_relative_error(grads, want) < TIGHT
 
     optimizer = build(model, estimator=estimator)
     optimizer.step(tasks)
@@ -294,7 +386,7 @@ class TwoPart(nn.Module):
         self.double()
 
 
-def two_part_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+def two_part_loss(model: nn.Module, batch: Pair) -> Tensor:
     assert isinstance(model, TwoPart)
     x, y = batch
     return F.mse_loss(model.head(model.body(x)), y)
@@ -305,11 +397,10 @@ def two_part_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
 def test_loss_calling_submodules_directly(estimator: tm.MetaGradientEstimator, path: str) -> None:
     model = TwoPart()
     tasks = tasks_for(seed=9)
-    names = [n for n, _ in model.named_parameters()]
     expected = by_hand(mlp_by_hand, list(model.parameters()), tasks)
     data, options = as_path(tasks, path)
     grads = meta_grads(model, data, estimator, loss_fn=two_part_loss, **options)
-    assert params_relative_error(grads, dict(zip(names, expected, strict=True))) < 1e-10
+    assert params_relative_error(grads, named(model, expected)) < TIGHT
 
 
 # ---------------------------------------------------------------- ANIL: adapt the head only
@@ -327,11 +418,10 @@ def test_adapting_the_head_only(
 ) -> None:
     model = TwoPart()
     tasks = tasks_for(seed=10)
-    names = [n for n, _ in model.named_parameters()]
     expected = by_hand(mlp_by_hand, list(model.parameters()), tasks, adapted=[2, 3])
     data, options = as_path(tasks, path)
     grads = meta_grads(model, data, estimator, loss_fn=two_part_loss, adapted=adapted, **options)
-    assert params_relative_error(grads, dict(zip(names, expected, strict=True))) < 1e-10
+    assert params_relative_error(grads, named(model, expected)) < TIGHT
     body = [grads["body.0.weight"], grads["body.0.bias"]]
     assert all(bool(g.abs().sum() > 0) for g in body)  # the meta gradient reaches the body
 
@@ -343,30 +433,19 @@ def test_adapting_the_head_only_differs_from_adapting_all() -> None:
     assert params_relative_error(head, every) > 1e-3
 
 
-class FixedSampler:
-    """A sampler that returns the same batch whatever is asked: S_j = D_j = T."""
-
-    def __init__(self, batch: tuple[Tensor, Tensor]) -> None:
-        self.batch = batch
-
-    def sample(self, size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        return self.batch
-
-
 @pytest.mark.parametrize("path", ["list", "one by one"])
 def test_adapting_the_head_only_with_resampled(path: str) -> None:
     # With every draw the same batch, eq. 7 is the meta gradient of the task
     # SupportQuery(batch, batch): Resampled must equal the hand-written reference.
     tasks = tasks_for(seed=12)
-    samplers = [FixedSampler(t.support) for t in tasks]
-    names = [n for n, _ in TwoPart().named_parameters()]
+    samplers = [FixedBatches({8: t.support}) for t in tasks]
     same = [tm.SupportQuery(t.support, t.support) for t in tasks]
     expected = by_hand(mlp_by_hand, list(TwoPart().parameters()), same, adapted=[2, 3])
     options = {"task_chunk_size": 1} if path == "one by one" else {}
     grads = meta_grads(
         TwoPart(), samplers, tm.Resampled(8, 8, 8), two_part_loss, adapted=["head"], **options
     )
-    assert params_relative_error(grads, dict(zip(names, expected, strict=True))) < 1e-10
+    assert params_relative_error(grads, named(TwoPart(), expected)) < TIGHT
 
 
 def test_adapt_returns_every_parameter_with_the_body_unchanged() -> None:
@@ -426,16 +505,18 @@ def test_model_dtype_is_kept(dtype: torch.dtype, path: str) -> None:
     assert all(w.dtype == dtype for w in optimizer.adapt(tasks[0]).values())
 
 
+# ---------------------------------------------------------------- compiled
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("model_kind", ["batch norm", "head only"])
 def test_compiled_path_handles_batch_norm_and_selections(model_kind: str) -> None:
-    import warnings
-
-    import torch._dynamo
+    from torch._dynamo.utils import counters
 
     tasks = tm.StackedTasks.stack(tasks_for(seed=16))
     results = []
     for compile in (False, {"backend": "eager"}):
-        torch._dynamo.reset()
         if model_kind == "batch norm":
             model: nn.Module = BatchNormNet()
             options: dict[str, Any] = {}
@@ -443,10 +524,16 @@ def test_compiled_path_handles_batch_norm_and_selections(model_kind: str) -> Non
             model, options = make_mlp(17), {"adapted": ["2"]}
         with warnings.catch_warnings():
             warnings.simplefilter("error", tm.CompileWarning)
-            results.append(
+            results.append(  # the second call runs compiled code, the first eagerly
                 meta_grads(
-                    model, tasks, tm.FiniteSum(), task_chunk_size=None, compile=compile, **options
+                    model,
+                    tasks,
+                    tm.FiniteSum(),
+                    calls=2,
+                    task_chunk_size=None,
+                    compile=compile,
+                    **options,
                 )
             )
-    torch._dynamo.reset()
-    assert params_relative_error(results[1], results[0]) < 1e-12
+    assert counters["stats"]["unique_graphs"] == 1
+    assert params_relative_error(results[1], results[0]) < SAME

@@ -1,4 +1,8 @@
-"""The constants of eq. 13, 21, 14, 22 and the step size rule, against hand arithmetic."""
+"""The theory's formulas: eq. 13, 21, 14, 22 and the inner step-size bound, by hand.
+
+``torch_maml.formulas`` holds them, ``tm.theory`` shows them to users (with the
+estimates of tests/test_smoothness.py).
+"""
 
 # The paper's symbol L is kept as a name on purpose.
 # ruff: noqa: N803, N806
@@ -70,7 +74,7 @@ def test_smoothness_estimates_match_hand_arithmetic() -> None:
 
 
 def test_with_rho_zero_the_constants_vanish() -> None:
-    """SPEC section 7: quadratics have rho = 0, so C_L = C_b = 0 and Lhat is constant."""
+    """Quadratics have rho = 0, so C_L = C_b = 0 and Lhat is constant."""
     assert theory.resampling_constant(alpha=0.1, L=2.0, rho=0.0, steps=4) == 0.0
     assert theory.finite_sum_constants(alpha=0.1, L=2.0, rho=0.0, steps=4) == (0.0, 0.0)
     lhat = theory.smoothness_finite_sum(alpha=0.1, L=2.0, rho=0.0, steps=4, b=3.0, grad_norm=123.0)
@@ -87,7 +91,8 @@ def test_eq21_bounds_the_derived_constants_from_above() -> None:
         )
         assert derived.c_b <= stated.c_b
         assert derived.c_l <= stated.c_l
-    # At Corollary 10's alpha = 1/(8NL) eq. 21 is about 10x the derived C_L (SPEC section 4).
+    # At Corollary 10's alpha = 1/(8NL), eq. 21 as Theorem 9 states it is about 10x the
+    # derived C_L of Proposition 7's proof.
     alpha = theory.recommended_inner_lr(5, 1.0)
     stated = theory.finite_sum_constants(alpha=alpha, L=1.0, rho=1.0, steps=5)
     derived = theory.finite_sum_constants(alpha=alpha, L=1.0, rho=1.0, steps=5, constants="derived")
@@ -174,3 +179,23 @@ def test_bad_arguments_are_named(call: object, error: type[Exception], pattern: 
     assert callable(call)
     with pytest.raises(error, match=pattern):
         call()
+
+
+def test_the_theory_module_shows_the_formulas_and_the_estimates() -> None:
+    from torch_maml import formulas, smoothness
+
+    for name in theory.__all__:
+        source = formulas if hasattr(formulas, name) else smoothness
+        assert getattr(theory, name) is getattr(source, name), name
+    assert set(theory.__all__) == {
+        "FiniteSumConstants",
+        "SmoothnessEstimate",
+        "check_inner_lr",
+        "estimate_smoothness",
+        "finite_sum_constants",
+        "inner_lr_bound",
+        "recommended_inner_lr",
+        "resampling_constant",
+        "smoothness_finite_sum",
+        "smoothness_resampling",
+    }
