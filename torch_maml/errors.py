@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 __all__ = [
     "CaptureWarning",
     "CompileWarning",
     "InnerStepSizeWarning",
     "NonFiniteError",
     "VectorizationWarning",
+    "warn_user",
 ]
 
 
@@ -50,3 +54,20 @@ class CaptureWarning(UserWarning):
     Issued once per optimizer and reason (samplers, tasks that do not stack, a
     component that synchronises with the host...). The results are the same.
     """
+
+
+def warn_user(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first caller outside torch_maml and torch.
+
+    The warnings of a meta step come from deep inside it, at a depth that depends on the
+    path it took; the line that matters to the user is theirs.
+    """
+    frame = sys._getframe(1)  # the caller of this function: stacklevel 2
+    level = 2
+    while frame.f_back is not None and (
+        frame.f_globals.get("__name__", "").split(".")[0] in ("torch_maml", "torch")
+        or frame.f_code.co_filename.startswith("<")  # generated code (a dataclass's __init__)
+    ):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)

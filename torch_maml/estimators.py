@@ -52,7 +52,7 @@ from .algorithms import (
     unrolled_meta_gradient,
 )
 from .checks import nonnegative_float, optional_positive_int, positive_float, positive_int
-from .inner import InnerLoop, descent_lr, proximal_lam, selects_parameters
+from .inner import InnerLoop, descent_lr, describe, proximal_lam, selects_parameters
 from .objective import MetaObjective
 from .ops import MetaGradient, Ops
 from .tasks import (
@@ -214,7 +214,7 @@ def _gradient_descent_lr(estimator: str, inner_loop: InnerLoop, why: str) -> flo
     if lr is None:
         raise TypeError(
             f"{estimator} needs a GradientDescent inner loop: {why} "
-            f"(got an inner loop of type {type(inner_loop).__name__})"
+            f"(got an inner loop of type {describe(inner_loop)})"
         )
     return lr
 
@@ -674,7 +674,7 @@ class Implicit:
             raise TypeError(
                 "Implicit needs a Proximal inner loop, whose regularised inner problem it "
                 f"differentiates: wrap yours as tm.Proximal(inner_loop, {lam_text}) "
-                f"(got an inner loop of type {type(inner_loop).__name__})"
+                f"(got an inner loop of type {describe(inner_loop)})"
             )
         if self.lam is not None and self.lam != lam:
             raise ValueError(

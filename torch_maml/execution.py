@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import types
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, TypeAlias, TypeVar
 
@@ -46,7 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import trees
 from .checks import positive_int
-from .errors import CaptureWarning, CompileWarning, VectorizationWarning
+from .errors import CaptureWarning, CompileWarning, VectorizationWarning, warn_user
 from .inner import InnerLoop
 from .model import TaskLoss
 from .ops import FunctionalOps, HostSyncError, MetaGradient, Ops
@@ -426,12 +425,11 @@ class Executor:
             result = self._one_by_one(algorithm, params, data, size, keep_graphs)
             self.vectorise = False  # the error was vectorisation's own: tasks run one by one
             reason = str(error).strip().splitlines()
-            warnings.warn(
+            warn_user(
                 "torch_maml could not vectorise this model's meta step over tasks "
                 f"({type(error).__name__}: {reason[0] if reason else ''}); its tasks run one "
                 "by one from now on, with the same results.",
                 VectorizationWarning,
-                stacklevel=4,
             )
             return result
 
@@ -475,12 +473,11 @@ class Executor:
                 result = self._summed(algorithm, params, data, size, keep_graphs)
             self._compile_failed = True
             reason = str(compile_error).strip().splitlines()
-            warnings.warn(
+            warn_user(
                 "torch.compile could not compile this MetaOptimizer's meta step "
                 f"({type(compile_error).__name__}: {reason[0] if reason else ''}); it "
                 "runs eagerly from now on. Pass compile=False to skip compilation.",
                 CompileWarning,
-                stacklevel=5,
             )
             return result
         return MetaGradient(grads, loss, compiled.grad_evals * size, compiled.hvp_evals * size)
@@ -782,9 +779,8 @@ class StepCapture:
     def _notice(self, reason: str) -> None:
         if reason not in self._warned:
             self._warned.add(reason)
-            warnings.warn(
+            warn_user(
                 f"this meta step runs eagerly, not as a CUDA graph: {reason}. "
                 "Pass capture=False to silence this.",
                 CaptureWarning,
-                stacklevel=4,
             )

@@ -21,7 +21,7 @@ import warnings
 from typing import Literal, NamedTuple
 
 from .checks import nonnegative_float, positive_float, positive_int
-from .errors import InnerStepSizeWarning
+from .errors import InnerStepSizeWarning, warn_user
 
 __all__ = [
     "FiniteSumConstants",
@@ -59,10 +59,11 @@ def recommended_inner_lr(steps: int, L: float) -> float:
     return 1.0 / (8 * steps * L)
 
 
-def check_inner_lr(alpha: float, steps: int, L: float, *, stacklevel: int = 1) -> bool:
+def check_inner_lr(alpha: float, steps: int, L: float, *, stacklevel: int | None = None) -> bool:
     """Warn with :class:`InnerStepSizeWarning` if ``alpha`` breaks :func:`inner_lr_bound`.
 
-    ``stacklevel`` counts as in :func:`warnings.warn` from the caller's frame.
+    ``stacklevel`` counts as in :func:`warnings.warn` from the caller's frame; by default
+    the warning names the first caller outside torch_maml.
 
     Returns:
         True if ``alpha`` satisfies the bound, False if it warned.
@@ -70,13 +71,15 @@ def check_inner_lr(alpha: float, steps: int, L: float, *, stacklevel: int = 1) -
     bound = inner_lr_bound(steps, L)
     if alpha < bound:
         return True
-    warnings.warn(
+    message = (
         f"inner step size lr={alpha:g} breaks the convergence bound of Ji, Yang & Liang "
         f"(2022): with steps={steps} and L={L:g} it must be < (2**(1/(2*{steps})) - 1) / L "
-        f"= {bound:.6g}; the corollaries pick 1/(8*N*L) = {recommended_inner_lr(steps, L):.6g}",
-        InnerStepSizeWarning,
-        stacklevel=stacklevel + 1,
+        f"= {bound:.6g}; the corollaries pick 1/(8*N*L) = {recommended_inner_lr(steps, L):.6g}"
     )
+    if stacklevel is None:
+        warn_user(message, InnerStepSizeWarning)
+    else:
+        warnings.warn(message, InnerStepSizeWarning, stacklevel=stacklevel + 1)
     return False
 
 

@@ -20,7 +20,8 @@ from torch import Tensor
 from . import algorithms
 from .inner import InnerLoop
 from .model import TaskLoss
-from .ops import MetaGradient, Ops, OracleCounts
+from .ops import MetaGradient, OracleCounts
+from .ops import Ops as _Ops  # reached through the deprecated name below
 from .tasks import TaskData
 from .typing import Batch, InnerState, Params
 
@@ -51,26 +52,26 @@ def _counted(result: MetaGradient, counts: OracleCounts, tasks: int) -> tuple[Pa
     return result.grads, result.loss
 
 
-def _task_ops(loss: TaskLoss, inner_loop: InnerLoop) -> Ops:
-    return Ops(loss, inner_loop, batched=False)
+def _task_ops(loss: TaskLoss, inner_loop: InnerLoop) -> _Ops:
+    return _Ops(loss, inner_loop, batched=False)
 
 
-def _batched_ops(loss: TaskLoss, inner_loop: InnerLoop, compilable: bool = False) -> Ops:
-    return Ops(loss, inner_loop, batched=True)
+def _batched_ops(loss: TaskLoss, inner_loop: InnerLoop, compilable: bool = False) -> _Ops:
+    return _Ops(loss, inner_loop, batched=True)
 
 
 def _loss_grad(loss: TaskLoss, params: Params, batch: Batch) -> tuple[Params, Tensor]:
-    return Ops(loss, None, batched=False).grad(params, batch)
+    return _Ops(loss, None, batched=False).grad(params, batch)
 
 
 def _loss_hvp(loss: TaskLoss, params: Params, batch: Batch, vector: Params) -> Params:
-    return Ops(loss, None, batched=False).hvp(params, batch, vector)
+    return _Ops(loss, None, batched=False).hvp(params, batch, vector)
 
 
 def _inner_step(
     loss: TaskLoss, inner_loop: InnerLoop, params: Params, state: InnerState, batch: Batch
 ) -> tuple[Params, InnerState]:
-    step = Ops(loss, inner_loop, batched=False).step(params, state, batch)
+    step = _Ops(loss, inner_loop, batched=False).step(params, state, batch)
     return step.params, step.state
 
 
@@ -83,7 +84,7 @@ def _step_vjp(
     cotangent: tuple[Params, InnerState],
     compilable: bool = False,
 ) -> tuple[Params, InnerState]:
-    return Ops(loss, inner_loop, batched=False).step_vjp(params, state, hessian_batch, cotangent)
+    return _Ops(loss, inner_loop, batched=False).step_vjp(params, state, hessian_batch, cotangent)
 
 
 def _adapt(
@@ -93,14 +94,14 @@ def _adapt(
     inner_batches: Sequence[Batch],
     counts: OracleCounts | None = None,
 ) -> Params:
-    run = algorithms.rollout(Ops(loss, inner_loop, batched=False), params, inner_batches)
+    run = algorithms.rollout(_Ops(loss, inner_loop, batched=False), params, inner_batches)
     if counts is not None:
         counts.grad_evals += len(inner_batches)
     return run.params
 
 
 def _unrolled(
-    ops: Ops,
+    ops: _Ops,
     params: Params,
     inner_batches: Sequence[Batch],
     outer_batch: Batch,
@@ -112,7 +113,7 @@ def _unrolled(
 
 
 def _recursion(
-    ops: Ops,
+    ops: _Ops,
     params: Params,
     inner_batches: Sequence[Batch],
     hessian_batches: Sequence[Batch],
@@ -125,7 +126,7 @@ def _recursion(
 
 
 def _first_order(
-    ops: Ops,
+    ops: _Ops,
     params: Params,
     inner_batches: Sequence[Batch],
     outer_batch: Batch,
@@ -137,7 +138,7 @@ def _first_order(
 
 
 def _reptile(
-    ops: Ops,
+    ops: _Ops,
     loss: TaskLoss,
     params: Params,
     inner_batches: Sequence[Batch],
@@ -153,7 +154,7 @@ def _reptile(
 
 
 def _hessian_free(
-    ops: Ops,
+    ops: _Ops,
     params: Params,
     inner_batches: Sequence[Batch],
     hessian_batches: Sequence[Batch],
@@ -171,7 +172,7 @@ def _hessian_free(
 
 
 def _implicit(
-    ops: Ops,
+    ops: _Ops,
     hvp: Callable[[Params, Batch, Params], Params],
     params: Params,
     inner_batches: Sequence[Batch],
@@ -200,7 +201,7 @@ def _finite_difference_hvp(
     delta: float,
     batched: bool = False,
 ) -> Params:
-    ops = Ops(None, None, batched=batched)
+    ops = _Ops(None, None, batched=batched)
     norm = ops.norm(vector)
     h = delta / torch.where(norm > 0, norm, torch.ones_like(norm))
     step = ops.scale(vector, h)
@@ -216,7 +217,7 @@ def _conjugate_gradient(
     tol: float = 0.0,
     batched: bool = False,
 ) -> tuple[Params, int]:
-    return algorithms.conjugate_gradient(Ops(None, None, batched=batched), matvec, rhs, steps, tol)
+    return algorithms.conjugate_gradient(_Ops(None, None, batched=batched), matvec, rhs, steps, tol)
 
 
 _SHIMS: dict[str, Any] = {
@@ -235,7 +236,7 @@ _SHIMS: dict[str, Any] = {
     "implicit_meta_gradient": _implicit,
     "finite_difference_hvp": _finite_difference_hvp,
     "conjugate_gradient": _conjugate_gradient,
-    "Ops": Ops,
+    "Ops": _Ops,
 }
 
 

@@ -39,7 +39,7 @@ page; a refused pair raises a ``TypeError`` that says what it needs, when the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypedDict, runtime_checkable
 
@@ -63,6 +63,7 @@ __all__ = [
     "SelectsParameters",
     "adapted_names",
     "descent_lr",
+    "describe",
     "elementwise",
     "proximal_lam",
     "selects_parameters",
@@ -164,6 +165,13 @@ def proximal_lam(inner_loop: InnerLoop) -> float | None:
     return float(method()) if callable(method) else None
 
 
+def describe(inner_loop: object) -> str:
+    """An inner loop's type, with the loops it wraps: ``Masked(Proximal(GradientDescent))``."""
+    wrapped = getattr(inner_loop, "__dict__", {}).get("inner_loop")
+    name = type(inner_loop).__name__
+    return name if wrapped is None else f"{name}({describe(wrapped)})"
+
+
 def elementwise(inner_loop: InnerLoop) -> bool:
     """Whether ``update`` acts on each element alone (the attribute ``elementwise``).
 
@@ -203,7 +211,7 @@ class GradientDescent:
         object.__setattr__(self, "lr", positive_float("lr", self.lr))
         if self.L is not None:
             object.__setattr__(self, "L", positive_float("L", self.L))
-            check_inner_lr(self.lr, self.steps, self.L, stacklevel=3)
+            check_inner_lr(self.lr, self.steps, self.L)
 
     def init(self, params: Params) -> InnerState:
         """Plain gradient descent keeps no state."""
@@ -445,8 +453,10 @@ class Masked:
                 f"(got an object of type {type(self.inner_loop).__name__})"
             )
         if not callable(self.selection):
-            if isinstance(self.selection, str) or not all(
-                isinstance(e, str) for e in self.selection
+            if (
+                isinstance(self.selection, str)
+                or not isinstance(self.selection, Collection)
+                or not all(isinstance(e, str) for e in self.selection)
             ):
                 raise TypeError(
                     "'selection' must be a collection of parameter names or module prefixes, "
@@ -468,7 +478,7 @@ class Masked:
 
     def adapted_names(self, names: Sequence[str]) -> tuple[str, ...]:
         """The names of ``names`` that the selection picks (and the wrapped loop adapts)."""
-        chosen = resolve_selection(self.selection, names)
+        chosen = resolve_selection(self.selection, names, argument="selection")
         return adapted_names(self.inner_loop, chosen)
 
     def init(self, params: Params) -> InnerState:
@@ -487,5 +497,5 @@ class Masked:
         key = tuple(params)
         resolved: dict[tuple[str, ...], tuple[str, ...]] = self.__dict__["_resolved"]
         if key not in resolved:
-            resolved[key] = resolve_selection(self.selection, key)
+            resolved[key] = resolve_selection(self.selection, key, argument="selection")
         return {name: params[name] for name in resolved[key]}

@@ -184,7 +184,10 @@ def batch_statistics_only(model: nn.Module) -> Iterator[None]:
 
 
 def resolve_selection(
-    selection: ParamSelection, names: Sequence[str], frozen: Collection[str] = ()
+    selection: ParamSelection,
+    names: Sequence[str],
+    frozen: Collection[str] = (),
+    argument: str = "adapted",
 ) -> tuple[str, ...]:
     """The names of ``names`` that ``selection`` picks, in the order of ``names``.
 
@@ -193,6 +196,7 @@ def resolve_selection(
         names: the meta parameters' names.
         frozen: names of parameters with ``requires_grad=False``, for the message
             when an entry selects one of them.
+        argument: the name of the argument that gave ``selection``, for the messages.
 
     Raises:
         ValueError: an entry selects no name, or nothing is selected.
@@ -212,11 +216,13 @@ def resolve_selection(
                     if any(selects(entry, name) for name in frozen)
                     else f"the trainable parameters are {names}"
                 )
-                raise ValueError(f"'adapted' entry {entry!r} selects no trainable parameter: {why}")
+                raise ValueError(
+                    f"'{argument}' entry {entry!r} selects no trainable parameter: {why}"
+                )
         chosen = tuple(name for name in names if any(selects(e, name) for e in selection))
     if not chosen:
         raise ValueError(
-            f"'adapted' selects no trainable parameter (the trainable ones are {names})"
+            f"'{argument}' selects no trainable parameter (the trainable ones are {names})"
         )
     return chosen
 

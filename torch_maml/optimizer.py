@@ -45,6 +45,7 @@ from .execution import (
     task_layout,
 )
 from .inner import InnerLoop, Masked
+from .inner import adapted_names as inner_adapted_names
 from .model import (
     ParamSelection,
     TaskLoss,
@@ -317,10 +318,11 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         if nan_policy not in ("raise", "skip"):
             raise ValueError(f"'nan_policy' must be 'raise' or 'skip' (got {nan_policy!r})")
         names = [name for name, _ in named]
-        adapted_names = select_parameters(model, names, adapted)
+        selected = select_parameters(model, names, adapted)
         inner: InnerLoop = inner_loop
-        if len(adapted_names) < len(names):
-            inner = Masked(inner_loop, adapted_names)
+        if len(selected) < len(names):
+            inner = Masked(inner_loop, selected)
+        adapted_names = inner_adapted_names(inner, names)  # a Masked inner loop's too
         for component in (estimator, step_size):  # what each needs of the inner loop
             check = getattr(component, "check", None)
             if callable(check):

@@ -16,7 +16,7 @@ from torch import nn
 
 from .checks import nonnegative_float, optional_positive_int, positive_float
 from .formulas import check_inner_lr, smoothness_finite_sum, smoothness_resampling
-from .inner import InnerLoop, descent_lr
+from .inner import InnerLoop, descent_lr, describe
 from .model import ParamSelection
 from .smoothness import SmoothnessEstimate, estimate_smoothness
 from .tasks import Task
@@ -154,7 +154,7 @@ def _descent_lr(inner_loop: InnerLoop) -> float:
     if lr is None:
         raise TypeError(
             "SmoothnessAdaptive needs a GradientDescent inner loop (eq. 14 and 22 are "
-            f"derived for plain gradient descent) (got {type(inner_loop).__name__})"
+            f"derived for plain gradient descent) (got {describe(inner_loop)})"
         )
     return lr
 
@@ -302,7 +302,7 @@ class SmoothnessAdaptive:
             estimate_options={k: v for k, v in options.items() if v is not None},
         )
 
-    def check(self, inner_loop: InnerLoop, *, stacklevel: int = 1) -> None:
+    def check(self, inner_loop: InnerLoop, *, stacklevel: int | None = None) -> None:
         """Check that ``inner_loop`` is gradient descent; warn if its lr breaks the bound.
 
         Raises:
@@ -310,7 +310,8 @@ class SmoothnessAdaptive:
                 (:class:`~torch_maml.inner.GradientDescentSteps`).
         """
         alpha = _descent_lr(inner_loop)
-        check_inner_lr(alpha, inner_loop.steps, self.L, stacklevel=stacklevel + 1)
+        level = None if stacklevel is None else stacklevel + 1
+        check_inner_lr(alpha, inner_loop.steps, self.L, stacklevel=level)
 
     def __call__(self, context: StepContext) -> StepSize:
         """``beta_k = lr / (c_beta * Lhat(w_k))``, with ``Lhat`` recorded."""
