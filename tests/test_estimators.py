@@ -992,7 +992,8 @@ REFUSED_WHEN_BUILT: list[
         {"adapted": ["2"]},
         TypeError,
         "HessianFree needs a GradientDescent inner loop: its finite differences stand for the "
-        "Hessian-vector products of gradient-descent steps (got an inner loop of type Masked(Proximal(GradientDescent)))",
+        "Hessian-vector products of gradient-descent steps "
+        "(got an inner loop of type Masked(Proximal(GradientDescent)))",
     ),
     (
         "Implicit, plain gradient descent",
