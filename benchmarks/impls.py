@@ -135,7 +135,7 @@ def func_loop() -> tuple[Callable[..., Step], Callable[..., Gradient]]:
 
 def higher_impl() -> tuple[Callable[..., Step], Callable[..., Gradient]]:
     """The higher library 0.2: ``innerloop_ctx`` per task, query losses backpropagated."""
-    import higher  # type: ignore[import-untyped]  # optional, untyped
+    import higher  # optional, untyped
 
     def accumulate(workload: Workload, model: nn.Module, data: Data, steps: int) -> None:
         xs, ys, xq, yq = data
@@ -229,10 +229,10 @@ def parallel_metalearn() -> tuple[Callable[..., Step], Callable[..., Gradient]]:
     normalisation when ``torch.func.grad`` runs under ``torch.func.vmap`` and the
     result is differentiated again, as this library's vmap backend does.
     """
-    from metalearn.algorithms import MAML  # type: ignore[import-untyped]  # optional, untyped
-    from metalearn.inner_optimizers import InnerSGD  # type: ignore[import-untyped]
-    from metalearn.loss import BaseLoss  # type: ignore[import-untyped]
-    from metalearn.model_wrappers import MAML_Model  # type: ignore[import-untyped]
+    from metalearn.algorithms import MAML  # optional, untyped
+    from metalearn.inner_optimizers import InnerSGD
+    from metalearn.loss import BaseLoss
+    from metalearn.model_wrappers import MAML_Model
 
     class Criterion(BaseLoss):  # type: ignore[misc]  # an untyped base class
         """The workload's criterion on the model's logits, as a parallel-metalearn loss."""

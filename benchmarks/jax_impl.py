@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     _HAVE_JAX = False
 else:
     _HAVE_JAX = True
-    jax.config.update("jax_enable_x64", True)  # type: ignore[no-untyped-call]
+    jax.config.update("jax_enable_x64", True)
 
 Params = dict[str, Any]
 """Parameters (JAX arrays) keyed by the torch names."""
@@ -210,7 +210,7 @@ def make_step(
 
     def step() -> None:
         nonlocal state
-        state = jax.block_until_ready(update(state, batch))  # type: ignore[no-untyped-call]
+        state = jax.block_until_ready(update(state, batch))
 
     return step
 
@@ -238,7 +238,7 @@ def meta_gradient(
         The gradient with respect to each parameter, keyed by the torch names, in float64.
     """
     _require_jax()
-    if not jax.config.read("jax_enable_x64"):  # type: ignore[no-untyped-call]
+    if not jax.config.read("jax_enable_x64"):
         raise RuntimeError("JAX's 64-bit mode (jax_enable_x64) is off: float64 is not available")
     weights, batch = _to_jax(params, data, jnp.float64)
     grads = jax.jit(jax.grad(_meta_loss_fn(workload, steps, alpha, tasks)))(weights, batch)

@@ -10,7 +10,11 @@
 * Hand-written inner loops on lists of tensors, differentiated with plain
   ``torch.autograd``: the independent references of the estimators' tests.
 * Running a MetaOptimizer and reading what it wrote (:func:`meta_gradient`), and
-  comparing results (:func:`params_relative_error`, :func:`snapshot`, :func:`same`).
+  comparing results (:func:`params_relative_error`, :func:`snapshot`, :func:`same`,
+  :func:`optimizer_state`).
+* Every path a meta-batch can take (:class:`Path`, :data:`EVERY_PATH`): chunked or not,
+  a list or stacked, compiled, or in a checked capture region; and a loss closure that
+  turns bad on demand (:class:`Switch`), to reach compiled code with bad input.
 """
 
 from __future__ import annotations
@@ -18,16 +22,19 @@ from __future__ import annotations
 import importlib.util
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path as FilePath
 from types import ModuleType
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import torch_maml as tm
+from torch_maml.execution import CaptureSetting, ChunkSize
 from torch_maml.typing import Params
 
 # ---------------------------------------------------------------- constants
@@ -504,6 +511,74 @@ def dense_hessian(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     return torch.stack(rows)
 
 
+class _LossModule(nn.Module):
+    """``loss_fn(model, batch)`` as a module, for ``torch.func.functional_call``."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def unrolled_by_autograd(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    tasks: Sequence[tm.SupportQuery[Any]],
+    steps: int,
+    alpha: float,
+) -> Params:
+    """Mean meta gradient of any module, by autograd through the unrolled inner loop.
+
+    Gradient descent on each support set by ``torch.autograd.grad(create_graph=True)``,
+    the module evaluated at the iterates with ``torch.func.functional_call``: nothing of
+    torch_maml. For modules whose parameters are each registered once (no tied weights).
+    """
+    named = dict(model.named_parameters())
+    total = {name: torch.zeros_like(p) for name, p in named.items()}
+    closure = _LossModule(model, loss_fn)
+
+    def loss(weights: dict[str, Tensor], batch: Any) -> Tensor:
+        swapped = {f"model.{name}": t for name, t in weights.items()}
+        value: Tensor = torch.func.functional_call(closure, swapped, (batch,))
+        return value
+
+    for task in tasks:
+        w0 = {name: p.detach().clone().requires_grad_(True) for name, p in named.items()}
+        w = dict(w0)
+
+        for _ in range(steps):
+            grads = torch.autograd.grad(loss(w, task.support), list(w.values()), create_graph=True)
+            w = {name: p - alpha * g for (name, p), g in zip(w.items(), grads, strict=True)}
+        meta = torch.autograd.grad(loss(w, task.query), list(w0.values()))
+        for name, g in zip(w0, meta, strict=True):
+            total[name] = total[name] + g
+    return {name: t / len(tasks) for name, t in total.items()}
+
+
+def query_gradient_scale(
+    weights: Weights,
+    tasks: Sequence[tm.SupportQuery[Pair]],
+    steps: int,
+    alpha: float,
+    moving: tuple[int, ...] = (0, 1, 2, 3),
+) -> float:
+    """``mean_i ||grad l(w_N^i; T_i)||`` of the hand-written MLP: the size of the vectors the
+    recursion of eq. 12 starts from.
+
+    Rounding in a meta gradient is relative to these (a meta gradient much smaller than
+    them comes from cancellation in the product of eq. 12, and keeps their absolute
+    rounding), so they are the floor of a relative comparison of two meta gradients.
+    """
+    total = 0.0
+    for task in tasks:
+        last = descend(weights, task.support, steps, alpha, moving=moving)[-1]
+        total += float(norm(grads_at(last, task.query)))
+    return total / len(tasks)
+
+
 # ---------------------------------------------------------------- hand-written inner loops
 
 State = list[Tensor]
@@ -742,6 +817,22 @@ def snapshot(model: nn.Module) -> Params:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
+def optimizer_state(optimizer: tm.MetaOptimizer[Any, Any]) -> list[Any]:
+    """Everything a failed step must leave as it was: the weights, their ``.grad``, the
+    buffers, the optimizer's state dict (step counts, lr, policy state), its generator."""
+    model = optimizer.model
+    return [
+        {n: p.detach().clone() for n, p in model.named_parameters()},
+        {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        {n: b.clone() for n, b in model.named_buffers()},
+        optimizer.state_dict(),
+        optimizer.generator.get_state(),
+        optimizer.meta_steps,
+        optimizer.skipped_steps,
+        optimizer.step_size_state,
+    ]
+
+
 def same(a: Any, b: Any) -> bool:
     """Bitwise equality of nested tensors, dicts, lists and plain values."""
     if isinstance(a, Tensor):
@@ -753,9 +844,85 @@ def same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+# ---------------------------------------------------------------- every path
+
+
+@dataclass(frozen=True)
+class Path:
+    """One way a MetaOptimizer runs a meta-batch.
+
+    ``chunk`` is its ``task_chunk_size``; ``stacked`` hands it a :class:`tm.StackedTasks`
+    rather than a list; ``compile`` compiles with dynamo's ``"eager"`` backend (the
+    first call of a compiled configuration runs eagerly: :attr:`calls` says how many
+    calls reach compiled code); ``capture="check"`` runs the region a GPU would capture,
+    with host synchronisation forbidden, on the CPU.
+    """
+
+    chunk: ChunkSize
+    stacked: bool
+    compile: bool = False
+    capture: CaptureSetting = "auto"
+
+    @property
+    def calls(self) -> int:
+        """Calls that make the last one run compiled code (where compiled)."""
+        return 2 if self.compile else 1
+
+    @property
+    def vectorised(self) -> bool:
+        """Whether several tasks of a meta-batch of four run at once."""
+        return self.chunk != 1
+
+    def options(self) -> dict[str, Any]:
+        """The MetaOptimizer's keyword arguments for this path."""
+        return {
+            "task_chunk_size": self.chunk,
+            "compile": {"backend": "eager"} if self.compile else False,
+            "capture": self.capture,
+        }
+
+    def meta_batch(self, tasks: Sequence[tm.SupportQuery[Any]]) -> Any:
+        """The tasks as this path takes them: a list, or stacked."""
+        return tm.StackedTasks.stack(tasks) if self.stacked else list(tasks)
+
+    def __str__(self) -> str:
+        kind = "compiled " if self.compile else "checked " if self.capture == "check" else ""
+        return f"{kind}chunk={self.chunk} {'stacked' if self.stacked else 'list'}"
+
+
+PATHS = [
+    *(Path(chunk, stacked) for chunk in (1, 2, None, "auto") for stacked in (False, True)),
+    Path(None, True, compile=True),
+    Path(2, False, compile=True),
+    Path(None, False, capture="check"),
+    Path(1, True, capture="check"),
+]
+"""Every task_chunk_size as a list and stacked, two compiled paths and two checked ones."""
+
+EVERY_PATH = [
+    pytest.param(path, id=str(path), marks=[pytest.mark.integration] if path.compile else [])
+    for path in PATHS
+]
+""":data:`PATHS` as pytest parameters: the compiled ones are integration tests."""
+
+
+class Switch:
+    """A loss closure that is ``mse_loss`` until switched on, then ``bad``.
+
+    A good history first (a compiled configuration compiles on good input), then the
+    bad input reaches the code that runs from then on.
+    """
+
+    def __init__(self, bad: Callable[[nn.Module, Any], Tensor], on: bool = False) -> None:
+        self.bad, self.on = bad, on
+
+    def __call__(self, model: nn.Module, batch: Pair) -> Tensor:
+        return self.bad(model, batch) if self.on else mse_loss(model, batch)
+
+
 # ---------------------------------------------------------------- examples
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = FilePath(__file__).resolve().parent.parent / "examples"
 
 
 def load_example(name: str) -> ModuleType:

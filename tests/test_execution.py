@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -24,21 +24,26 @@ from torch._dynamo.utils import counters
 import torch_maml as tm
 from tests.problems import (
     ALPHA,
+    EVERY_PATH,
     LAM,
     SAME,
     STEPS,
     TIGHT,
     MlpProblem,
     Pair,
+    Path,
     RegressionSampler,
+    Switch,
     make_mlp,
     meta_gradient,
     mlp_meta_gradient,
     mlp_problems,
     mse_loss,
+    optimizer_state,
     params_relative_error,
     reference_meta_gradient,
     regression_tasks,
+    same,
     stacked_tasks,
 )
 from torch_maml import algorithms
@@ -244,6 +249,173 @@ def test_an_error_of_the_model_itself_is_raised_as_it_is() -> None:
     with pytest.raises(ValueError, match="'loss_fn' must return a scalar Tensor"):
         meta_opt.step(support_query_tasks())
     assert meta_opt.objective.executor.vectorise
+
+
+# ---------------------------------------------------------------- bad input: one error, every path
+#
+# The same bad input gets the same exception, word for word, whichever path runs it:
+# every task_chunk_size, a list or stacked tasks, compiled code (reached after a good
+# history: the first calls compile on good input, then the input turns bad) and the
+# checked capture region. Nothing changes when it is raised.
+
+EXTERNAL = torch.ones((), dtype=torch.float64, requires_grad=True)
+"""A tensor outside the model that requires grad."""
+
+
+def independent_loss(model: nn.Module, batch: Pair) -> Tensor:
+    """A loss that requires grad (through :data:`EXTERNAL`) but not through the weights."""
+    x, y = batch
+    return F.mse_loss(model(x).detach(), y) * EXTERNAL
+
+
+def non_scalar_loss(model: nn.Module, batch: Pair) -> Tensor:
+    x, y = batch
+    squares: Tensor = (model(x) - y) ** 2
+    return squares
+
+
+def integer_loss(model: nn.Module, batch: Pair) -> Tensor:
+    """How many predictions exceed their target: an int64 count."""
+    x, y = batch
+    count: Tensor = (model(x) > y).sum()
+    return count
+
+
+NO_DEPENDENCE = (
+    "'loss_fn' returned a loss that does not depend on the adapted parameters (it has no "
+    "grad); does it detach, or ignore the model?"
+)
+BAD_LOSSES = [
+    pytest.param(independent_loss, ValueError, NO_DEPENDENCE, id="not on the weights"),
+    pytest.param(
+        non_scalar_loss,
+        ValueError,
+        "'loss_fn' must return a scalar Tensor (got a Tensor of shape (6, 1)); reduce it, e.g. "
+        "with .mean()",
+        id="non-scalar",
+    ),
+    pytest.param(
+        integer_loss,
+        TypeError,
+        "'loss_fn' must return a floating point Tensor (got dtype torch.int64)",
+        id="integer",
+    ),
+]
+
+BAD_INPUT_ESTIMATORS: list[tuple[str, tm.MetaGradientEstimator, tm.InnerLoop]] = [
+    ("Exact", tm.Exact(), gd()),
+    ("FiniteSum", tm.FiniteSum(), gd()),
+    ("FirstOrder", tm.FirstOrder(), gd()),
+    ("Reptile", tm.Reptile(), gd()),
+    ("HessianFree", tm.HessianFree(1e-3), gd()),
+    ("Implicit", tm.Implicit(cg_steps=3), tm.Proximal(gd(), LAM)),
+]
+# Every path for Exact and FiniteSum; the others on every path but the compiled ones
+# (the same compiled machinery, and each compiled case costs seconds).
+PATH_AND_ESTIMATOR = [
+    pytest.param(
+        path.values[0],
+        estimator,
+        inner_loop,
+        id=f"{path.id}-{name}",
+        marks=path.marks,
+    )
+    for path in EVERY_PATH
+    for name, estimator, inner_loop in BAD_INPUT_ESTIMATORS
+    if not cast(Path, path.values[0]).compile or name in ("Exact", "FiniteSum")
+]
+
+
+def warmed_up(
+    path: Path, estimator: tm.MetaGradientEstimator, inner_loop: tm.InnerLoop, loss_fn: Any
+) -> tuple[Optimizer, list[tm.SupportQuery[Pair]]]:
+    """An optimizer on ``path`` after ``path.calls`` good calls (compiled code, if compiled)."""
+    optimizer: Optimizer = tm.MetaOptimizer(
+        make_mlp(0),
+        loss_fn,
+        inner_loop=inner_loop,
+        estimator=estimator,
+        step_size=tm.Constant(0.1),
+        generator=torch.Generator().manual_seed(0),
+        **path.options(),
+    )
+    tasks = support_query_tasks()[:4]
+    for _ in range(path.calls):
+        optimizer.meta_backward(path.meta_batch(tasks))
+    return optimizer, tasks
+
+
+def assert_refused(optimizer: Optimizer, tasks: Any, error: type[Exception], message: str) -> None:
+    """``step`` and ``meta_backward`` raise exactly ``error(message)`` and change nothing."""
+    before = optimizer_state(optimizer)
+    for method in (optimizer.step, optimizer.meta_backward):
+        with pytest.raises(error) as caught:
+            method(tasks)
+        assert type(caught.value) is error
+        assert str(caught.value) == message
+        assert same(optimizer_state(optimizer), before)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize(("path", "estimator", "inner_loop"), PATH_AND_ESTIMATOR)
+@pytest.mark.parametrize(("bad", "error", "message"), BAD_LOSSES)
+def test_a_bad_loss_gets_one_error_on_every_path(
+    path: Path,
+    estimator: tm.MetaGradientEstimator,
+    inner_loop: tm.InnerLoop,
+    bad: Any,
+    error: type[Exception],
+    message: str,
+) -> None:
+    loss_fn = Switch(bad)
+    optimizer, tasks = warmed_up(path, estimator, inner_loop, loss_fn)
+    loss_fn.on = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning on the way to the error
+        assert_refused(optimizer, path.meta_batch(tasks), error, message)
+        with pytest.raises(error) as caught:
+            optimizer.adapt(tasks[0])
+    assert str(caught.value) == message
+
+
+def with_an_empty(tasks: list[tm.SupportQuery[Pair]], which: str, path: Path) -> Any:
+    """The meta-batch with the ``which`` set emptied: task 2's (a list), or every task's
+    (stacked: one tensor holds them all)."""
+    if path.stacked:
+        stacked = tm.StackedTasks.stack(tasks)
+        x, y = getattr(stacked, which)
+        empty = (x[:, :0], y[:, :0])
+        if which == "support":
+            return tm.StackedTasks(empty, stacked.query)
+        return tm.StackedTasks(stacked.support, empty)
+    task = tasks[2]
+    x, y = getattr(task, which)
+    empty = (x[:0], y[:0])
+    tasks = list(tasks)
+    tasks[2] = (
+        tm.SupportQuery(empty, task.query)
+        if which == "support"
+        else tm.SupportQuery(task.support, empty)
+    )
+    return tasks
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize(("path", "estimator", "inner_loop"), PATH_AND_ESTIMATOR)
+@pytest.mark.parametrize("which", ["support", "query"])
+def test_an_empty_batch_gets_one_error_on_every_path(
+    path: Path, estimator: tm.MetaGradientEstimator, inner_loop: tm.InnerLoop, which: str
+) -> None:
+    """Its mean loss would be 0 / 0: refused, naming the batch and the empty tensor's shape."""
+    optimizer, tasks = warmed_up(path, estimator, inner_loop, mse_loss)
+    where, shape = ("tasks", "(4, 0, 1)") if path.stacked else ("tasks[2]", "(0, 1)")
+    message = (
+        f"'{where}.{which}' holds an empty tensor (shape {shape}): every batch needs at least "
+        "one sample"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_refused(optimizer, with_an_empty(tasks, which, path), ValueError, message)
 
 
 # ---------------------------------------------------------------- chunks and memory

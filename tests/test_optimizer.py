@@ -38,9 +38,11 @@ from tests.problems import (
     ALPHA,
     Pair,
     RegressionSampler,
+    Switch,
     make_mlp,
     mse_by_hand,
     mse_loss,
+    optimizer_state,
     regression_tasks,
     same,
     snapshot,
@@ -643,16 +645,6 @@ def nan_gradient_loss(model: nn.Module, batch: Pair) -> Tensor:
     return mse_loss(model, batch) + (0 * first.sum()).sqrt()
 
 
-class Switch:
-    """A loss closure that turns into ``bad`` once switched on: good history first."""
-
-    def __init__(self, bad: Callable[[nn.Module, Pair], Tensor]) -> None:
-        self.bad, self.on = bad, True
-
-    def __call__(self, model: nn.Module, batch: Pair) -> Tensor:
-        return self.bad(model, batch) if self.on else mse_loss(model, batch)
-
-
 class NanBeta:
     """A step-size policy that returns NaN (when switched on): the outer step is bad."""
 
@@ -893,19 +885,6 @@ def test_bad_input_gets_its_error(case: Case) -> None:
         case.call()
 
 
-def optimizer_snapshot(optimizer: Optimizer) -> list[Any]:
-    model = optimizer.model
-    return [
-        {n: p.detach().clone() for n, p in model.named_parameters()},
-        {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
-        {n: b.clone() for n, b in model.named_buffers()},
-        optimizer.state_dict(),
-        optimizer.generator.get_state(),
-        optimizer.meta_steps,
-        optimizer.skipped_steps,
-    ]
-
-
 def non_scalar(model: nn.Module, batch: Pair) -> Tensor:
     x, y = batch
     out: Tensor = (model(x) - y) ** 2
@@ -913,9 +892,9 @@ def non_scalar(model: nn.Module, batch: Pair) -> Tensor:
 
 
 FAILING_STEPS: list[tuple[str, Callable[[Optimizer], object], dict[str, Any]]] = [
-    ("non-scalar loss", lambda o: o.step(TASKS), {"loss": Switch(non_scalar)}),
+    ("non-scalar loss", lambda o: o.step(TASKS), {"loss": Switch(non_scalar, on=True)}),
     ("NaN support", lambda o: o.step([TASKS[0], with_support(TASKS[1], NAN)]), {}),
-    ("NaN gradient", lambda o: o.step(TASKS), {"loss": Switch(nan_gradient_loss)}),
+    ("NaN gradient", lambda o: o.step(TASKS), {"loss": Switch(nan_gradient_loss, on=True)}),
     ("Inf query", lambda o: o.step([with_query(TASKS[0], math.inf)]), {}),
     ("NaN beta", lambda o: o.step(TASKS), {"step_size": NanBeta()}),
     ("empty", lambda o: o.step([]), {}),
@@ -951,10 +930,10 @@ def test_failed_step_changes_nothing(
     optimizer.meta_backward(good)  # and gradients to be left alone
     for switch in switches:
         switch.on = True
-    before = optimizer_snapshot(optimizer)
+    before = optimizer_state(optimizer)
     with pytest.raises((ValueError, TypeError, tm.NonFiniteError)):
         fail(optimizer)
-    assert same(optimizer_snapshot(optimizer), before)
+    assert same(optimizer_state(optimizer), before)
 
 
 # ---------------------------------------------------------------- nan_policy="skip"
@@ -968,10 +947,10 @@ def test_skip_policy_skips_non_finite_steps(
     name: str, fail: Callable[[Optimizer], Any], options: dict[str, Any]
 ) -> None:
     optimizer = build(nan_policy="skip", **options)
-    before = optimizer_snapshot(optimizer)
+    before = optimizer_state(optimizer)
     info = fail(optimizer)
     assert info.skipped
-    after = optimizer_snapshot(optimizer)
+    after = optimizer_state(optimizer)
     assert same(after[:3], before[:3])  # weights, gradients, buffers untouched
     assert optimizer.skipped_steps == 1
     assert optimizer.meta_steps == 0

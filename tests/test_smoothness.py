@@ -1,7 +1,8 @@
 """``tm.theory.estimate_smoothness`` against families whose constants are known.
 
 The cubics of tests/problems.py (``Cubic``) have known ``L``, ``rho`` and ``b``; on the
-MLP, ``L`` is checked against the dense Hessian's eigenvalues. Then the estimate's
+MLP, ``L`` is checked against the dense Hessian's eigenvalues. The power iteration's
+stopping rule, on diagonal Hessians whose iterates are known. Then the estimate's
 options, its vectorised and one-by-one paths, what it leaves alone, and its errors.
 ``SmoothnessAdaptive``, which uses the estimates, is tested in tests/test_step_size.py.
 """
@@ -21,12 +22,14 @@ import torch_maml as tm
 from tests.problems import (
     CUBIC_DIM,
     Cubic,
+    Quadratic,
     Vector,
     cubic_batch,
     cubic_family,
     cubic_loss,
     make_mlp,
     mse_loss,
+    quadratic_loss,
     regression_tasks,
     spectrum_matrix,
 )
@@ -57,6 +60,99 @@ def test_quadratics_give_l_to_1e6_rho_zero_and_b_in_closed_form() -> None:
     batches = 2 * len(tasks)
     assert est.rho_iterations == 1
     assert batches * (2 + 3 * 2) <= est.hvp_evals <= batches * (est.L_iterations + 3 * 2)
+
+
+# ---------------------------------------------------------------- the power iteration's stop
+# A row stops at the first iteration k >= 3 where its best ||Hv|| grew by at most tol relative
+# since iteration k - 2, or else runs to ``iterations`` and reports not converged. Quadratics
+# with a diagonal Hessian make the iterates known whatever the random start v_0: with H = 3 I,
+# ||Hv|| = 3 from the first iteration; with H = diag(5, 0, 0, 0) (rank one) it is 5 |v_0[0]|
+# < 5 at the first, then v = +-e_1 and it is 5 from the second.
+
+
+def diagonal_task(*eigenvalues: float) -> tm.SupportQuery[Quadratic]:
+    """Support and query the quadratic ``0.5 w^T diag(eigenvalues) w``: Hessian known."""
+    data = (torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)), torch.zeros(4).double())
+    return tm.SupportQuery(data, data)
+
+
+def power_estimate(
+    task: tm.SupportQuery[Quadratic], **options: Any
+) -> tm.theory.SmoothnessEstimate:
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    return tm.theory.estimate_smoothness(Vector(w), quadratic_loss, [task], restarts=1, **options)
+
+
+# Two batches (support and query), one rho restart: on a quadratic, rho's first difference is
+# exactly 0, below its floor, so it stops at its first iteration, 2 batches x 2 products.
+RHO_PRODUCTS = 2 * 2
+
+
+@pytest.mark.parametrize(
+    ("eigenvalues", "tol", "stops_at"),
+    [
+        ((3.0, 3.0, 3.0, 3.0), 1e-9, 3),  # ||Hv|| constant: the earliest the rule allows
+        ((3.0, -3.0, 3.0, -3.0), 1e-9, 3),  # ... also when v flips between two directions
+        ((5.0, 0.0, 0.0, 0.0), 1e-9, 4),  # 5 |v_0[0]|, 5, 5: unchanged over two iterations at 4
+        ((5.0, 0.0, 0.0, 0.0), 1e-300, 4),  # the same: no growth meets any tol
+        ((2.0, 1.0, 0.5, 0.25), 1.0, 3),  # tol = 1: growth over two iterations is at most 100%
+    ],
+)
+def test_power_iteration_stops_where_its_tolerance_is_met(
+    eigenvalues: tuple[float, ...], tol: float, stops_at: int
+) -> None:
+    est = power_estimate(diagonal_task(*eigenvalues), tol=tol)
+    assert est.L_converged
+    assert est.L_iterations == stops_at
+    assert est.hvp_evals == 2 * stops_at + RHO_PRODUCTS
+    if tol < 1:  # the estimate is the largest |eigenvalue|, to rounding
+        largest = max(abs(e) for e in eigenvalues)
+        assert abs(est.L - largest) <= 1e-15 * largest
+
+
+@pytest.mark.parametrize(
+    ("eigenvalues", "iterations", "expected"),
+    [
+        ((3.0, 3.0, 3.0, 3.0), 2, 3.0),  # stopped before the rule can be met: 3 is exact though
+        ((5.0, 0.0, 0.0, 0.0), 2, 5.0),  # ... and 5 from the second iteration
+        ((5.0, 0.0, 0.0, 0.0), 3, 5.0),  # 5 - 5 |v_0[0]| over the last two: not met at 3
+    ],
+)
+def test_power_iteration_that_misses_its_tolerance_runs_to_the_most_iterations(
+    eigenvalues: tuple[float, ...], iterations: int, expected: float
+) -> None:
+    est = power_estimate(diagonal_task(*eigenvalues), iterations=iterations)
+    assert not est.L_converged
+    assert est.L_iterations == iterations
+    assert est.hvp_evals == 2 * iterations + RHO_PRODUCTS
+    assert abs(est.L - expected) <= 1e-15 * expected
+
+
+def test_power_iteration_with_an_eigengap_stops_within_tol() -> None:
+    """Eigenvalues 2, 1, 0.5, 0.25: the error of ||Hv|| shrinks 4-fold an iteration, so once the
+    growth over two iterations is at most tol (1e-9 of 2), the error left is below 1e-9 / 15.
+    Capped one iteration short of that, it runs to the cap and says it did not converge."""
+    task = diagonal_task(2.0, 1.0, 0.5, 0.25)
+    est = power_estimate(task)
+    assert est.L_converged
+    assert 3 <= est.L_iterations < 40
+    assert -2e-15 <= 2.0 - est.L <= 2.0 * 1e-9 / 15  # ||Hv|| <= 2 for a unit v
+    capped = power_estimate(task, iterations=est.L_iterations - 1)
+    assert not capped.L_converged
+    assert capped.L_iterations == est.L_iterations - 1
+    assert capped.L <= est.L
+
+
+def test_batches_iterate_together_until_the_last_stops() -> None:
+    """A support set that stops at 3 (H = 3 I) and a query set that stops at 4 (rank one):
+    vectorised together, both run 4 iterations; L_iterations is the most any needed."""
+    support = diagonal_task(3.0, 3.0, 3.0, 3.0).support
+    query = diagonal_task(5.0, 0.0, 0.0, 0.0).query
+    est = power_estimate(tm.SupportQuery(support, query))
+    assert est.L_converged
+    assert est.L_iterations == 4
+    assert est.hvp_evals == 2 * 4 + RHO_PRODUCTS
+    assert abs(est.L - 5.0) <= 1e-15 * 5.0
 
 
 def test_largest_absolute_eigenvalue_is_found_when_it_is_negative() -> None:

@@ -1,12 +1,18 @@
 """Outer step sizes: Constant follows param_groups; SmoothnessAdaptive is eq. 14 / eq. 22.
 
-SmoothnessAdaptive with given constants, then with constants estimated from data
-(``from_data``) and re-estimated during training (``every``), on the cubics of
-tests/problems.py, whose constants are known; and a user's stateful policy.
+SmoothnessAdaptive with given constants (eq. 14 and 22 worked out by hand on quadratics
+whose probe gradients have integer norms), the weights moved by the policy's beta (not by
+``param_groups``' lr), then with constants estimated from data (``from_data``) and
+re-estimated during training (``every``), on the cubics of tests/problems.py, whose
+constants are known; and a user's stateful policy, whose state a step that fails after it
+ran leaves as it was.
 """
 
 from __future__ import annotations
 
+import copy
+import math
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,16 +23,20 @@ import torch_maml as tm
 from tests.problems import (
     CUBIC_DIM,
     Cubic,
+    Quadratic,
     QuadraticSequence,
     Vector,
+    closed_form_meta_gradient,
     cubic_family,
     cubic_loss,
     make_mlp,
-    mse_by_hand,
     mse_loss,
+    optimizer_state,
+    outer_grad,
     quadratic_loss,
     random_quadratic,
     regression_tasks,
+    same,
 )
 from torch_maml import theory
 
@@ -49,53 +59,75 @@ def test_constant_uses_the_current_param_group_lr() -> None:
     assert meta_opt.step(tasks).beta == 0.003
 
 
-def query_grad_norm(weights: list[Tensor], task: tm.SupportQuery[tuple[Tensor, Tensor]]) -> float:
-    w = [p.detach().clone().requires_grad_(True) for p in weights]
-    grads = torch.autograd.grad(mse_by_hand(w, task.query), w)
-    return float(torch.cat([g.reshape(-1) for g in grads]).norm())
+def diagonal(a: tuple[float, float], c: tuple[float, float]) -> Quadratic:
+    """The quadratic ``0.5 w^T diag(a) w - c^T w``, whose gradient is ``a * w - c``."""
+    return torch.diag(torch.tensor(a, dtype=torch.float64)), torch.tensor(c, dtype=torch.float64)
+
+
+# At w_0 = (1, 1) the query gradients a * w_0 - c are Pythagorean: (3, 4) and (6, 8), of norms
+# 5 and 10 (mean 7.5); those of the probe tasks are (5, 12) and (8, 15), of norms 13 and 17
+# (mean 15).
+W0 = (1.0, 1.0)
+TASKS = [
+    tm.SupportQuery(diagonal((1.0, 2.0), (0.0, 0.0)), diagonal((1.0, 2.0), (-2.0, -2.0))),
+    tm.SupportQuery(diagonal((2.0, 1.0), (1.0, 0.0)), diagonal((3.0, 1.0), (-3.0, -7.0))),
+]
+PROBES = [
+    tm.SupportQuery(diagonal((1.0, 1.0), (0.0, 0.0)), diagonal((1.0, 1.0), (-4.0, -11.0))),
+    tm.SupportQuery(diagonal((1.0, 1.0), (0.0, 0.0)), diagonal((1.0, 1.0), (-7.0, -14.0))),
+]
+
+# Eq. 22 by hand, with alpha = 0.05, L = 2, rho = 2, N = 2, b = 0.3: q = 1 + alpha L = 1.1,
+# (1 + alpha L)^(2N) L = 1.4641 * 2 = 2.9282.
+#   eq. 21 ("theorem"): C_b = C_L = (alpha rho + rho / L q^(N-1)) q^(2N) = (0.1 + 1.1) 1.4641
+#       = 1.75692;
+#   the proof of Proposition 7 ("derived"): K = q^(N-1) alpha rho + rho / L q^N (q^(N-1) - 1)
+#       = 0.11 + 1.21 * 0.1 = 0.231, C_L = K q^N = 0.27951, C_b = K (q^N - 1) = 0.04851.
+EQ_22 = {
+    ("theorem", 7.5): 2.9282 + 1.75692 * 0.3 + 1.75692 * 7.5,  # 16.632176
+    ("theorem", 15.0): 2.9282 + 1.75692 * 0.3 + 1.75692 * 15.0,  # 29.809076
+    ("derived", 7.5): 2.9282 + 0.04851 * 0.3 + 0.27951 * 7.5,  # 5.039078
+    ("derived", 15.0): 2.9282 + 0.04851 * 0.3 + 0.27951 * 15.0,  # 7.135403
+}
+
+
+def quadratic_optimizer(policy: tm.StepSizePolicy) -> tm.MetaOptimizer[Vector, Quadratic]:
+    return tm.MetaOptimizer(
+        Vector(torch.tensor(W0, dtype=torch.float64)),
+        quadratic_loss,
+        inner_loop=tm.GradientDescent(steps=2, lr=INNER_LR),
+        estimator=tm.FiniteSum(),
+        step_size=policy,
+    )
 
 
 @pytest.mark.parametrize("constants", ["theorem", "derived"])
 @pytest.mark.parametrize("use_probe_tasks", [False, True])
 def test_smoothness_adaptive_finite_sum_is_eq_22(constants: Any, use_probe_tasks: bool) -> None:
-    gen = torch.Generator().manual_seed(1)
-    tasks = regression_tasks(3, gen)
-    probe = regression_tasks(2, gen) if use_probe_tasks else None
-    model = make_mlp(0)
-    weights = [p.detach().clone() for p in model.parameters()]
     policy = tm.SmoothnessAdaptive(L=2.0, rho=2.0, c_beta=80, b=0.3, constants=constants)
-    steps = 2
-    meta_opt = tm.MetaOptimizer(
-        model,
-        mse_loss,
-        inner_loop=tm.GradientDescent(steps=steps, lr=INNER_LR),
-        estimator=tm.FiniteSum(),
-        step_size=policy,
-    )
+    meta_opt = quadratic_optimizer(policy)
     assert meta_opt.param_groups[0]["lr"] == 1.0
-    info = meta_opt.step(tasks, probe_tasks=probe)
+    probe = PROBES if use_probe_tasks else None
+    info = meta_opt.step(TASKS, probe_tasks=probe)
 
-    probe_tasks = probe if probe is not None else tasks
-    mean_norm = sum(query_grad_norm(weights, t) for t in probe_tasks) / len(probe_tasks)
-    lhat = theory.smoothness_finite_sum(
-        alpha=INNER_LR, L=2.0, rho=2.0, steps=steps, b=0.3, grad_norm=mean_norm, constants=constants
-    )
+    lhat = EQ_22[constants, 15.0 if use_probe_tasks else 7.5]
     assert info.lhat == pytest.approx(lhat, rel=1e-12)
     assert info.beta == pytest.approx(1.0 / (80 * lhat), rel=1e-12)
-    assert info.grad_evals == len(tasks) * (steps + 1) + len(probe_tasks)
-    assert info.hvp_evals == len(tasks) * steps
+    # B (N + 1) gradients and B N HVPs, and one probe gradient per probe task.
+    assert info.grad_evals == 2 * 3 + 2
+    assert info.hvp_evals == 2 * 2
 
 
 def test_smoothness_adaptive_resampling_is_eq_14_on_fresh_samples() -> None:
     """The probe gradient of each task is taken at w_k on a fresh sample of probe_size."""
     gen = torch.Generator().manual_seed(2)
-    dim, steps, probe_size = 3, 2, 5
-    w = torch.randn(dim, generator=gen, dtype=torch.float64)
+    steps, probe_size = 2, 5
+    w = torch.tensor(W0, dtype=torch.float64)
+    # Probe gradients at w: (3, 4) and (5, 12), of norms 5 and 13 (mean 9).
+    probes = [diagonal((1.0, 1.0), (-2.0, -3.0)), diagonal((1.0, 1.0), (-4.0, -11.0))]
     tasks = []
-    probes = []
-    for _ in range(2):
-        s, t, p = (random_quadratic(dim, gen) for _ in range(3))
-        probes.append(p)
+    for p in probes:
+        s, t = random_quadratic(2, gen), random_quadratic(2, gen)
         tasks.append(QuadraticSequence({1: [s] * steps, 2: [s] * steps, 3: [t], probe_size: [p]}))
     policy = tm.SmoothnessAdaptive(L=2.0, rho=1.5, c_beta=100, probe_size=probe_size, lr=0.5)
     meta_opt = tm.MetaOptimizer(
@@ -106,13 +138,63 @@ def test_smoothness_adaptive_resampling_is_eq_14_on_fresh_samples() -> None:
         step_size=policy,
     )
     info = meta_opt.step(tasks)
-    mean_norm = sum(float((a @ w - c).norm()) for a, c in probes) / len(probes)
-    lhat = theory.smoothness_resampling(
-        alpha=INNER_LR, L=2.0, rho=1.5, steps=steps, grad_norm=mean_norm
-    )
+    # Eq. 13 and 14 by hand, with alpha = 0.05, L = 2, rho = 1.5, N = 2 (q = 1.1):
+    # C_L = (q^(N-1) alpha rho + rho / L q^N (q^(N-1) - 1)) q^N
+    #     = (1.1 * 0.075 + 0.75 * 1.21 * 0.1) * 1.21 = 0.17325 * 1.21 = 0.2096325,
+    # Lhat = q^(2N) L + C_L * 9 = 2.9282 + 1.8866925 = 4.8148925.
+    lhat = 2.9282 + 0.2096325 * 9.0
     assert info.lhat == pytest.approx(lhat, rel=1e-12)
     assert info.beta == pytest.approx(0.5 / (100 * lhat), rel=1e-12)
     assert info.grad_evals == 2 * (steps + 1) + 2
+
+
+def meta_gradient_by_hand(w: Tensor) -> Tensor:
+    """The mean meta gradient of TASKS at ``w`` (N = 2): eq. 12 on quadratics, closed form."""
+    return torch.stack(
+        [
+            closed_form_meta_gradient(w, INNER_LR, [t.support] * 2, [t.support] * 2, t.query)
+            for t in TASKS
+        ]
+    ).mean(0)
+
+
+class FixedBeta:
+    """A policy whose beta is not its lr: ``beta_k = 0.03`` whatever ``param_groups``."""
+
+    lr = 0.5
+
+    def __call__(self, context: tm.StepContext) -> tm.StepSize:
+        return tm.StepSize(beta=0.03)
+
+
+def test_the_weights_move_by_the_policys_beta_not_by_the_lr() -> None:
+    """``w_{k+1} = w_k - beta_k G(w_k)`` with the policy's ``beta_k``; ``param_groups[0]["lr"]``
+    only reaches the step through the policy (SmoothnessAdaptive multiplies it)."""
+    meta_opt = quadratic_optimizer(tm.SmoothnessAdaptive(L=2.0, rho=2.0, c_beta=80, b=0.3, lr=0.5))
+    w0 = torch.tensor(W0, dtype=torch.float64)
+    info = meta_opt.step(TASKS)
+    beta = 0.5 / (80 * EQ_22["theorem", 7.5])  # lr / (c_beta Lhat(w_0)), about 3.8e-4
+    assert info.beta == pytest.approx(beta, rel=1e-12)
+    w1 = w0 - beta * meta_gradient_by_hand(w0)
+    torch.testing.assert_close(meta_opt.model.w.detach(), w1, rtol=1e-13, atol=0)
+
+    # A scheduler's lr: beta_k = 0.25 / (c_beta Lhat(w_1)), the query gradients now at w_1.
+    meta_opt.param_groups[0]["lr"] = 0.25
+    info = meta_opt.step(TASKS)
+    norms = [float(outer_grad(t.query, w1).norm()) for t in TASKS]
+    lhat = 2.9282 + 1.75692 * 0.3 + 1.75692 * sum(norms) / 2  # eq. 22 as in EQ_22
+    beta = 0.25 / (80 * lhat)
+    assert info.beta == pytest.approx(beta, rel=1e-12)
+    w2 = w1 - beta * meta_gradient_by_hand(w1)
+    torch.testing.assert_close(meta_opt.model.w.detach(), w2, rtol=1e-13, atol=0)
+
+    # A user's policy whose beta has nothing to do with the lr.
+    meta_opt = quadratic_optimizer(FixedBeta())
+    assert meta_opt.param_groups[0]["lr"] == 0.5
+    info = meta_opt.step(TASKS)
+    assert info.beta == 0.03
+    w1 = w0 - 0.03 * meta_gradient_by_hand(w0)
+    torch.testing.assert_close(meta_opt.model.w.detach(), w1, rtol=1e-13, atol=0)
 
 
 def test_smoothness_adaptive_probes_default_to_the_outer_size() -> None:
@@ -267,6 +349,142 @@ def test_a_policy_keeps_its_state_in_the_optimizer_and_resumes_with_it() -> None
     resumed.load_state_dict(meta_opt.state_dict())
     assert resumed.step_size_state == meta_opt.step_size_state
     assert resumed.step(tasks).beta == meta_opt.step(tasks).beta
+
+
+# ---------------------------------------------------------------- failing after the policy ran
+
+
+class CountingStep:
+    """A stateful policy: counts its calls in the optimizer's state; ``beta`` as set."""
+
+    lr = 0.05
+
+    def __init__(self) -> None:
+        self.beta = 0.05
+
+    def __call__(self, context: tm.StepContext) -> tm.StepSize:
+        context.state["calls"] = context.state.get("calls", 0) + 1
+        return tm.StepSize(beta=self.beta)
+
+
+def reestimating() -> tm.SmoothnessAdaptive:
+    """SmoothnessAdaptive re-estimating L, rho and b at every step after the first."""
+    return tm.SmoothnessAdaptive(
+        L=2.0, rho=2.0, c_beta=80, every=1, estimate_options={"iterations": 10, "restarts": 1}
+    )
+
+
+class Watched:
+    """Wraps a policy; keeps a copy of the state it left in its last call's context."""
+
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+        self.wrote: dict[str, Any] | None = None
+
+    @property
+    def lr(self) -> float:
+        return float(self.policy.lr)
+
+    def __call__(self, context: tm.StepContext) -> tm.StepSize:
+        size: tm.StepSize = self.policy(context)
+        self.wrote = copy.deepcopy(context.state)
+        return size
+
+
+MLP_TASKS = regression_tasks(2, torch.Generator().manual_seed(6))
+Optimizer = tm.MetaOptimizer[torch.nn.Sequential, tuple[Tensor, Tensor]]
+
+
+def scaled_query(scale: float) -> list[tm.SupportQuery[tuple[Tensor, Tensor]]]:
+    """MLP_TASKS with their query targets times ``scale``."""
+    return [tm.SupportQuery(t.support, (t.query[0], t.query[1] * scale)) for t in MLP_TASKS]
+
+
+def set_beta(beta: float) -> Callable[[Optimizer, Watched], None]:
+    def arm(meta_opt: Optimizer, watched: Watched) -> None:
+        watched.policy.beta = beta
+
+    return arm
+
+
+def set_lr(lr: float) -> Callable[[Optimizer, Watched], None]:
+    def arm(meta_opt: Optimizer, watched: Watched) -> None:
+        meta_opt.param_groups[0]["lr"] = lr
+
+    return arm
+
+
+AFTER_THE_POLICY: list[
+    tuple[str, Callable[[], Any], Callable[[Optimizer, Watched], None], Any, str]
+] = [
+    # (name, policy, what makes the step fail, its meta-batch, the error it gets)
+    ("infinite beta", CountingStep, set_beta(math.inf), MLP_TASKS, "returned beta=inf"),
+    ("NaN query", CountingStep, set_beta(0.05), scaled_query(math.nan), "non-finite outer loss"),
+    ("overflowing weights", CountingStep, set_beta(1e308), scaled_query(1e3), "non-finite weights"),
+    ("re-estimate, then infinite beta", reestimating, set_lr(math.inf), MLP_TASKS, "beta=inf"),
+    (
+        "re-estimate, then NaN query",
+        reestimating,
+        set_lr(1.0),
+        scaled_query(math.nan),
+        "outer loss",
+    ),
+    (
+        "re-estimate, then overflowing weights",
+        reestimating,
+        set_lr(1e308),
+        scaled_query(1e9),
+        "non-finite weights",
+    ),
+]
+
+
+@pytest.mark.parametrize("nan_policy", ["raise", "skip"])
+@pytest.mark.parametrize(
+    ("name", "policy", "arm", "tasks", "message"),
+    AFTER_THE_POLICY,
+    ids=[case[0] for case in AFTER_THE_POLICY],
+)
+def test_a_step_that_fails_after_the_policy_ran_keeps_the_policys_state(
+    name: str,
+    policy: Callable[[], Any],
+    arm: Callable[[Optimizer, Watched], None],
+    tasks: Any,
+    message: str,
+    nan_policy: Any,
+) -> None:
+    """The policy changes its state, then the step fails (beta, meta gradient or new weights
+    not finite): the state, and everything else, stays bitwise as it was."""
+    watched = Watched(policy())
+    meta_opt: Optimizer = tm.MetaOptimizer(
+        make_mlp(0),
+        mse_loss,
+        inner_loop=tm.GradientDescent(steps=1, lr=INNER_LR),
+        estimator=tm.FiniteSum(),
+        step_size=watched,
+        generator=torch.Generator().manual_seed(0),
+        nan_policy=nan_policy,
+    )
+    for _ in range(2):  # history: a step count, a policy state (re-estimated at k = 1)
+        meta_opt.step(MLP_TASKS)
+    meta_opt.meta_backward(MLP_TASKS)  # and gradients to be left alone
+    assert meta_opt.step_size_state != {}
+    arm(meta_opt, watched)
+    before = optimizer_state(meta_opt)
+    watched.wrote = None
+    if nan_policy == "raise":
+        with pytest.raises(tm.NonFiniteError, match=message):
+            meta_opt.step(tasks, probe_tasks=MLP_TASKS)
+        assert same(optimizer_state(meta_opt), before)
+    else:
+        assert meta_opt.step(tasks, probe_tasks=MLP_TASKS).skipped
+        after = optimizer_state(meta_opt)
+        kept = (0, 1, 2, 5, 7)  # weights, .grad, buffers, meta_steps, step_size_state
+        assert same([after[i] for i in kept], [before[i] for i in kept])
+        assert after[6] == before[6] + 1  # skipped_steps
+    # The policy did run, and left another state than the optimizer's.
+    assert watched.wrote is not None
+    assert not same(watched.wrote, meta_opt.step_size_state)
 
 
 # ---------------------------------------------------------------- SmoothnessAdaptive.from_data

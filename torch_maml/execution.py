@@ -47,7 +47,7 @@ from . import trees
 from .checks import positive_int
 from .errors import CaptureWarning, CompileWarning, VectorizationWarning, warn_user
 from .inner import InnerLoop
-from .model import TaskLoss
+from .model import TaskLoss, batch_norm_by_formula
 from .ops import FunctionalOps, HostSyncError, MetaGradient, Ops
 from .tasks import (
     MetaBatchData,
@@ -464,7 +464,7 @@ class Executor:
                 self._compiled[key] = _Compiled(self._compile(algorithm, key), *evals)
             return result
         try:
-            with math_attention():
+            with math_attention(), batch_norm_by_formula(self.loss.model):
                 grads, loss = compiled.run(params, data)
         except Warning:  # a warning the caller turned into an error is theirs
             raise
@@ -562,7 +562,6 @@ def _signature(tree: Any) -> tuple[Any, ...]:
         (leaf.shape, leaf.dtype, leaf.device) if isinstance(leaf, Tensor) else leaf
         for leaf in trees.leaves(tree)
     )
-
 
 
 # ---------------------------------------------------------------- capture (CUDA graphs)

@@ -17,6 +17,7 @@ and what a meta step does to BatchNorm layers (:func:`batch_statistics_only`).
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any, TypeAlias, cast
 
@@ -29,6 +30,7 @@ from .typing import Batch, LossFn, ModelT, Params
 __all__ = [
     "ParamSelection",
     "TaskLoss",
+    "batch_norm_by_formula",
     "batch_statistics_only",
     "meta_step_mode",
     "resolve_selection",
@@ -181,6 +183,42 @@ def batch_statistics_only(model: nn.Module) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.track_running_stats = True
+
+
+@contextlib.contextmanager
+def batch_norm_by_formula(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers that normalise by batch statistics compute them by formula.
+
+    ``(x - mean) / sqrt(var + eps) * weight + bias`` over the batch (and spatial)
+    dimensions, as torch's batch-norm kernel computes it, to rounding. That kernel's
+    backward cannot be traced for compilation under ``vmap`` (torch 2.15 refuses to read
+    a tensor's ``data`` there); the formula is plain operations, differentiable to any
+    order. Layers that normalise by their running statistics are left as they are.
+    """
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, _BatchNorm)
+        and (m.training or (m.running_mean is None and m.running_var is None))
+    ]
+    for layer in layers:
+        layer.forward = types.MethodType(_batch_norm_formula, layer)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def _batch_norm_formula(layer: _BatchNorm, x: Tensor) -> Tensor:
+    dims = [0, *range(2, x.ndim)]
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, unbiased=False, keepdim=True)
+    out = (x - mean) * torch.rsqrt(var + layer.eps)
+    if layer.affine:
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        out = out * layer.weight.reshape(shape) + layer.bias.reshape(shape)
+    return out
 
 
 def resolve_selection(

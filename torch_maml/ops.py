@@ -345,9 +345,7 @@ def _vjp(outputs: Any, inputs: Any, cotangent: Any) -> Any:
     out_leaves = trees.leaves(outputs)
     cot_leaves = trees.leaves(cotangent)
     in_leaves = trees.leaves(inputs)
-    pairs = [
-        (o, c) for o, c in zip(out_leaves, cot_leaves, strict=True) if o.requires_grad
-    ]
+    pairs = [(o, c) for o, c in zip(out_leaves, cot_leaves, strict=True) if o.requires_grad]
     wanted = [i for i, leaf in enumerate(in_leaves) if leaf.requires_grad]
     found: Sequence[Tensor | None] = [None] * len(wanted)
     if pairs and wanted:
@@ -415,7 +413,7 @@ class FunctionalOps(Ops):
 
     def grad(self, params: Params, batch: Batch) -> tuple[Params, Tensor]:
         """``(grad l(w; batch), l(w; batch))`` with respect to every parameter."""
-        grads, value = grad_and_value(self._values)(params, batch)
+        grads, value = grad_and_value(self._dependent_values)(params, batch)
         return grads, value
 
     def init(self, params: Params) -> InnerState:
@@ -465,7 +463,7 @@ class FunctionalOps(Ops):
         """``H(w; batch) v``, reverse over reverse."""
 
         def gradient(p: Params) -> Params:
-            grads: Params = torch_grad(self._values)(p, batch)
+            grads: Params = torch_grad(self._dependent_values)(p, batch)
             return grads
 
         product: Params = vjp(gradient, params)[1](vector)[0]
@@ -480,7 +478,7 @@ class FunctionalOps(Ops):
             weights, state = start, self._step_init(start)
             for batch in inner_batches:
                 _, (weights, state) = self._differentiable_step(weights, state, batch)
-            return self._values(weights, outer_batch)
+            return self._dependent_values(weights, outer_batch)
 
         grads, value = grad_and_value(meta_loss)(params)
         return grads, value
@@ -489,7 +487,24 @@ class FunctionalOps(Ops):
         self, params: Params, state: InnerState, batch: Batch
     ) -> tuple[Tensor, tuple[Params, InnerState]]:
         def adapted_loss(adapted: Params) -> Tensor:
-            return self._values({**params, **adapted}, batch)
+            return self._dependent_values({**params, **adapted}, batch)
 
         grads, value = grad_and_value(adapted_loss)({n: params[n] for n in self.adapted})
         return value, self._step_update(params, grads, state)
+
+    def _dependent_values(self, params: Params, batch: Batch) -> Tensor:
+        """:meth:`_values`, to be differentiated with respect to ``params``.
+
+        Inside a ``torch.func`` gradient transform, ``requires_grad`` says whether the
+        value depends on the transform's inputs (a loss that requires grad only through
+        some other tensor does not); ``torch.func`` would return zeros. The check runs
+        when the function is traced: compiled code that meets it falls back to the
+        eager path, which raises the same error as without compilation.
+
+        Raises:
+            ValueError: the loss does not depend on ``params``.
+        """
+        value = self._values(params, batch)
+        if not value.requires_grad:
+            raise ValueError(NO_DEPENDENCE)
+        return value
