@@ -191,5 +191,3 @@ def smoothness_finite_sum(
     grad_norm = nonnegative_float("grad_norm", grad_norm)
     pair = finite_sum_constants(alpha=alpha, L=L, rho=rho, steps=steps, constants=constants)
     return (1.0 + alpha * L) ** (2 * steps) * L + pair.c_b * b + pair.c_l * grad_norm
-
-

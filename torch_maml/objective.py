@@ -52,9 +52,7 @@ class MetaObjective:
     ) -> None:
         self.loss = loss
         self.inner_loop = inner_loop
-        self.executor = Executor(
-            loss, inner_loop, task_chunk_size=task_chunk_size, compile=compile
-        )
+        self.executor = Executor(loss, inner_loop, task_chunk_size=task_chunk_size, compile=compile)
 
     @property
     def task_chunk_size(self) -> ChunkSize:

@@ -127,18 +127,14 @@ def _checked_state(state_dict: object, params: int) -> dict[str, Any]:
     for key in ("meta_steps", "skipped_steps"):
         value = meta[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(
-                f"'state_dict[\"meta\"][\"{key}\"]' must be an int >= 0 (got {value!r})"
-            )
+            raise ValueError(f'\'state_dict["meta"]["{key}"]\' must be an int >= 0 (got {value!r})')
     if not isinstance(meta["step_size_state"], dict) or not isinstance(meta["config"], dict):
-        raise ValueError(
-            "'state_dict[\"meta\"]': 'step_size_state' and 'config' must be dicts"
-        )
+        raise ValueError("'state_dict[\"meta\"]': 'step_size_state' and 'config' must be dicts")
     try:
         torch.Generator().set_state(meta["generator"])
     except (TypeError, RuntimeError) as error:
         raise ValueError(
-            f"'state_dict[\"meta\"][\"generator\"]' is not a generator state ({error})"
+            f'\'state_dict["meta"]["generator"]\' is not a generator state ({error})'
         ) from None
     if (
         not isinstance(groups, list)
@@ -153,7 +149,7 @@ def _checked_state(state_dict: object, params: int) -> dict[str, Any]:
     lr = groups[0].get("lr")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
         raise ValueError(
-            f"'state_dict[\"param_groups\"][0][\"lr\"]' must be a finite number (got {lr!r})"
+            f'\'state_dict["param_groups"][0]["lr"]\' must be a finite number (got {lr!r})'
         )
     if not isinstance(state_dict["state"], dict):
         raise ValueError("'state_dict[\"state\"]' must be a dict")
@@ -649,8 +645,10 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         if self._group is None or name != "tasks":
             kind = task_kind(tasks, name)
         else:
-            empty = isinstance(tasks, Sequence) and not isinstance(tasks, (str, bytes)) and (
-                len(tasks) == 0
+            empty = (
+                isinstance(tasks, Sequence)
+                and not isinstance(tasks, (str, bytes))
+                and (len(tasks) == 0)
             )
             try:
                 mine = None if empty else task_kind(tasks, name)
