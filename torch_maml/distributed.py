@@ -47,6 +47,12 @@ _R = TypeVar("_R")
 _RELEASE_TIMEOUT = 60.0
 
 
+REFUSED_ELSEWHERE = (
+    "torch.distributed: another process's tasks were refused at this step (see its "
+    "error); no process changed its weights"
+)
+
+
 class GroupHandle:
     """The process group a MetaOptimizer averages over, without keeping it alive.
 
@@ -178,10 +184,7 @@ def agree_on_step(calls: int, kind: str | None, group: dist.ProcessGroup) -> str
     agreed = _all_reduce_values(flags + [float(kind == k) for k in kinds], group, dist.ReduceOp.MAX)
     latest, earliest = int(agreed[0]), -int(agreed[1])
     if agreed[2] and kind != "failed":
-        raise RuntimeError(
-            "torch.distributed: another process's tasks were refused at this step (see its "
-            "error); no process changed its weights"
-        )
+        raise RuntimeError(REFUSED_ELSEWHERE)
     if latest != earliest:
         raise RuntimeError(
             "torch.distributed: the processes are at different meta steps (this one has "
@@ -193,19 +196,32 @@ def agree_on_step(calls: int, kind: str | None, group: dist.ProcessGroup) -> str
     if len(present) != 1:
         raise RuntimeError(
             "torch.distributed: "
-            + ("no process holds a task this step" if not present else
-               "the processes hold tasks of different kinds (SupportQuery and samplers)")
+            + (
+                "no process holds a task this step"
+                if not present
+                else "the processes hold tasks of different kinds (SupportQuery and samplers)"
+            )
         )
     return present[0]
 
 
-def all_reduce_mean(result: MetaGradient, count: int, group: dist.ProcessGroup) -> MetaGradient:
-    """The mean over every process's tasks of a per-process mean over ``count`` tasks."""
+def all_reduce_mean(
+    result: MetaGradient, count: int, group: dist.ProcessGroup, *, refused: bool = False
+) -> MetaGradient:
+    """The mean over every process's tasks of a per-process mean over ``count`` tasks.
+
+    Raises:
+        RuntimeError: another process's tasks were refused at this step (it passes
+            ``refused=True``, and raises its own error after this).
+    """
     grads = list(result.grads.values())
     totals = _all_reduce_values(
-        [count, result.grad_evals, result.hvp_evals], group, device=grads[0].device
+        [count, result.grad_evals, result.hvp_evals, refused], group, device=grads[0].device
     )
-    tasks, grad_evals, hvp_evals = (int(v) for v in totals)
+    if totals[-1]:  # a process's tasks were refused: no process goes on to the mean
+        _raise_if_refused(refused)
+        return result
+    tasks, grad_evals, hvp_evals = (int(v) for v in totals[:-1])
     flat = _collective(
         lambda: torch.cat(
             [g.reshape(-1) for g in grads] + [result.loss.reshape(1).to(grads[0])]
@@ -256,7 +272,21 @@ def all_reduce_estimate(
     )
 
 
-def all_reduce_probe(total: float, count: int, group: dist.ProcessGroup) -> tuple[float, int]:
-    """The sum of every process's probe-gradient norms, and of their numbers of probes."""
-    summed = _all_reduce_values([total, count], group)
+def all_reduce_probe(
+    total: float, count: int, group: dist.ProcessGroup, *, refused: bool = False
+) -> tuple[float, int]:
+    """The sum of every process's probe-gradient norms, and of their numbers of probes.
+
+    Raises:
+        RuntimeError: another process's tasks were refused (see :func:`all_reduce_mean`).
+    """
+    summed = _all_reduce_values([total, count, refused], group)
+    if summed[-1]:
+        _raise_if_refused(refused)
     return summed[0], int(summed[1])
+
+
+def _raise_if_refused(refused_here: bool) -> None:
+    """When a process's tasks were refused: raise on the others (it raises its own error)."""
+    if not refused_here:
+        raise RuntimeError(REFUSED_ELSEWHERE)

@@ -12,11 +12,12 @@ over processes, :mod:`torch_maml.diagnosis` explains a NaN.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Generic, Literal, NamedTuple, TypeAlias
 
 import torch
@@ -214,8 +215,10 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
             the head selected).
         nan_policy: ``"raise"`` (default): a NaN or Inf in a loss, a gradient or
             the step size raises :class:`~torch_maml.NonFiniteError`, which says
-            where it first appeared; ``"skip"``: the step changes nothing and
-            reports ``skipped=True``; :attr:`skipped_steps` counts them.
+            where it first appeared; ``"skip"``: the step leaves the weights, their
+            gradients, the buffers and the step-size policy's state as they were
+            (the generator moves on: the next step draws new samples) and reports
+            ``skipped=True``; :attr:`skipped_steps` counts them.
         distributed: average the meta gradient over the processes of
             ``torch.distributed``'s default group (``True``) or of a given process
             group, before the update: each process passes its own shard of the
@@ -563,6 +566,9 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         self.generator.set_state(meta["generator"])
         self.meta_steps = int(meta["meta_steps"])
         self.skipped_steps = int(meta["skipped_steps"])
+        # under torch.distributed, a process resumed from another step than the others'
+        # is then told apart at its next step
+        self._collective_calls = self.meta_steps + self.skipped_steps
         self._step_size_state = copy.deepcopy(dict(meta["step_size_state"]))
 
     @property
@@ -701,10 +707,13 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
     ) -> MetaGradient:
         """The estimator's meta gradient, averaged over the process group if any."""
         if self._group is not None and len(tasks) == 0:  # an empty shard adds nothing
-            zeros = {name: torch.zeros_like(p) for name, p in params.items()}
-            empty = MetaGradient(zeros, torch.zeros((), dtype=torch.float64), 0, 0)
-            return all_reduce_mean(empty, 0, self._group())
-        with restoring_buffers(self.model):
+            return all_reduce_mean(_zero_result(params), 0, self._group())
+        with (
+            restoring_buffers(self.model),
+            self._refusals_shared(
+                lambda group: all_reduce_mean(_zero_result(params), 0, group, refused=True)
+            ),
+        ):
             state = None if commit else self.generator.get_state()
             result = self.estimator.meta_gradient(self.objective, params, tasks, self.generator)
         if state is not None and not torch.equal(state, self.generator.get_state()):
@@ -713,6 +722,21 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         if self._group is not None:
             result = all_reduce_mean(result, len(tasks), self._group())
         return result
+
+    @contextlib.contextmanager
+    def _refusals_shared(self, join: Callable[[dist.ProcessGroup], object]) -> Iterator[None]:
+        """Under torch.distributed, a refusal of this process's tasks stops the others too.
+
+        The others wait in the collective that follows the block: ``join(group)`` joins
+        it marked refused, so that every other process raises instead of pairing that
+        collective with a later step's; then this process raises its own error.
+        """
+        try:
+            yield
+        except (TypeError, ValueError):
+            if self._group is not None:
+                join(self._group())
+            raise
 
     def _run(
         self,
@@ -790,20 +814,21 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         counts: OracleCounts,
     ) -> float:
         norms = []
-        for task in tasks:
-            if isinstance(task, SupportQuery):
-                batch = task.query
-            else:
-                probe_size = size if size is not None else self._sample_size("outer")
-                if probe_size is None:
-                    raise ValueError(
-                        "measuring probe gradients on sampler tasks needs a 'probe_size' "
-                        "(the estimator has no outer_size)"
-                    )
-                batch = task.sample(probe_size, generator=self.generator)
-            grads, _ = self.objective.loss_grad(params, batch)
-            counts.grad_evals += 1
-            norms.append(torch.cat([g.reshape(-1) for g in grads.values()]).norm())
+        with self._refusals_shared(lambda group: all_reduce_probe(0.0, 0, group, refused=True)):
+            for task in tasks:
+                if isinstance(task, SupportQuery):
+                    batch = task.query
+                else:
+                    probe_size = size if size is not None else self._sample_size("outer")
+                    if probe_size is None:
+                        raise ValueError(
+                            "measuring probe gradients on sampler tasks needs a 'probe_size' "
+                            "(the estimator has no outer_size)"
+                        )
+                    batch = task.sample(probe_size, generator=self.generator)
+                grads, _ = self.objective.loss_grad(params, batch)
+                counts.grad_evals += 1
+                norms.append(torch.cat([g.reshape(-1) for g in grads.values()]).norm())
         total = float(torch.stack(norms).sum().to(torch.float64)) if norms else 0.0
         count = len(norms)
         if self._group is not None:
@@ -863,6 +888,12 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
                 "no weights were changed"
             )
         return True
+
+
+def _zero_result(params: Params) -> MetaGradient:
+    """What a process with no task contributes to the mean: nothing."""
+    zeros = {name: torch.zeros_like(p) for name, p in params.items()}
+    return MetaGradient(zeros, torch.zeros((), dtype=torch.float64), 0, 0)
 
 
 def _all_finite(tensors: Iterable[Tensor]) -> Tensor:
