@@ -98,3 +98,47 @@ def test_the_distributed_argument_is_checked() -> None:
         ValueError, match=r"'distributed' needs torch\.distributed to be initialised"
     ):
         process_group(True)
+
+
+@pytest.mark.integration
+def test_uneven_steps_give_one_outcome_on_every_process() -> None:
+    """An empty shard, a refused shard and a process resumed one step behind."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    environment = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    done = subprocess.run(
+        [*torchrun, "-m", "tests.distributed_steps"],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    seen = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            report = json.loads(line)
+            seen[report.pop("rank")] = report
+    refused_here = (
+        "ValueError: 'tasks[0].support' holds an empty tensor (shape (0, 1)): every batch "
+        "needs at least one sample"
+    )
+    refused_there = (
+        "RuntimeError: torch.distributed: another process's tasks were refused at this step "
+        "(see its error); no process changed its weights"
+    )
+    assert seen[0]["refused"] == refused_there
+    assert seen[1]["refused"] == refused_here
+    for rank, made in ((0, 4), (1, 2)):
+        report = seen[rank]
+        assert report["empty shard equals one process"]
+        assert report["refused changed nothing"]
+        assert report["paired after refusal"]
+        assert report["stale changed nothing"]
+        assert report["stale checkpoint"] == (
+            "RuntimeError: torch.distributed: the processes are at different meta steps (this "
+            f"one has made {made} steps, others between 2 and 4); a process skipped a step or "
+            "failed one, so their collectives no longer pair up. Every process must call step "
+            "(or meta_backward) the same number of times"
+        )
