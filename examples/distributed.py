@@ -30,6 +30,13 @@ the steps compound. Measured with two processes after the default 300 steps: 7.6
 in float64 (``--dtype float64``), 2.6e-5 in float32 (the default);
 ``tests/test_examples.py`` and ``tests/test_distributed.py`` check it in float64.
 ``--out PATH`` saves rank 0's final weights.
+
+At the end, every process calls ``dist.barrier()``, so that none tears its connections
+down while another still uses them, then ``dist.destroy_process_group()``. That is all
+a job needs to exit with status 0: the optimizer keeps no collective work, nor any
+tensor it handed to a collective, since each of its reductions returns only once the
+backend has let go of its tensor (``torch_maml/distributed.py`` says why this matters
+at exit).
 """
 
 from __future__ import annotations

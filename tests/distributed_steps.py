@@ -8,12 +8,15 @@
 3. Rank 1 resumes from a checkpoint one step older than rank 0's: both raise the same
    RuntimeError naming the steps, and neither changes its weights.
 
-Each process prints one JSON line of what it saw; rank 0 prints "done" last.
+Each process writes what it saw to ``OUT/rank<N>.json`` (``OUT``, the first argument);
+rank 0 prints "done" last.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,7 +82,7 @@ def main() -> None:
     seen["stale checkpoint"] = error_of(lambda: meta_opt.step(tasks[rank:]))
     seen["stale changed nothing"] = same(snapshot(meta_opt.model), before)
 
-    print(json.dumps(seen), flush=True)
+    (Path(sys.argv[1]) / f"rank{rank}.json").write_text(json.dumps(seen))
     dist.barrier()
     dist.destroy_process_group()
     if rank == 0:

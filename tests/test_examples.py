@@ -25,8 +25,6 @@ from tests.problems import EXAMPLES, SAME, load_example, meta_gradient, params_r
 
 ROOT = EXAMPLES.parent
 EXAMPLE_NAMES = sorted(path.stem for path in EXAMPLES.glob("*.py"))
-TEARDOWN_ABORT = "terminate called without an active exception"
-"""gloo can abort a process at interpreter exit, after its work (see test_distributed.py)."""
 
 
 @pytest.fixture(scope="module")
@@ -224,8 +222,7 @@ def test_distributed_example_matches_one_process() -> None:
         check=False,
     )
     output = f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-    if TEARDOWN_ABORT not in done.stderr:
-        assert done.returncode == 0, output
+    assert done.returncode == 0, output  # a finished job exits 0: an abort at exit fails
     lines = [line for line in done.stdout.splitlines() if "max relative difference" in line]
     assert len(lines) == 1, output  # printed by rank 0 only
     assert lines[0].startswith("2 process(es), 5 tasks per meta-batch, 5 steps, float64")

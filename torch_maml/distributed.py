@@ -4,15 +4,20 @@ Each process passes its own shard of the meta-batch; the reductions here combine
 shards' results so that every process applies the update of the whole meta-batch.
 Means are weighted by each shard's number of tasks.
 
-Every tensor handed to a collective is made here, used for that collective only, and
-let go of before the function returns: the function waits until the backend has freed
-it too (gloo's worker threads drop their references a moment after the collective
-completes). A tensor that has a Python object needs the interpreter's lock when its
-last C++ reference goes; if a worker thread still held one when the interpreter shuts
-down (``torch.distributed`` can keep the process group and its threads past
-``destroy_process_group()``, and a later ``barrier()`` keeps earlier collectives'
-work alive until it ends), the worker could not take the lock and the process aborted
-at exit ("terminate called without an active exception").
+Every tensor handed to a collective is made here for that collective alone, and the
+function returns only once the backend has let go of it (``_collective``). The reason
+is the exit of a finished job. With gloo, a synchronous collective returns as soon as
+it has completed, but the worker thread that ran it drops its reference to the work a
+little later (in about one call in four); a ``barrier()`` called in that moment keeps
+that work, and so the tensor, until the barrier's own work is freed, which the worker
+thread does after ``barrier()`` has returned. Releasing a tensor that has a Python
+object takes the interpreter's lock. Meanwhile the process group and its worker
+threads often outlive ``destroy_process_group()``: the first ``torch.optim`` optimizer
+(a MetaOptimizer too) imports ``torch._dynamo``, and if that happens after
+``init_process_group()``, one of the modules it imports stores the default group in
+its functions' default arguments. A worker thread that frees such a tensor while the
+interpreter shuts down cannot take the lock, and the process aborts ("terminate called
+without an active exception") after its work is done.
 """
 
 from __future__ import annotations
@@ -42,8 +47,8 @@ __all__ = [
 
 _R = TypeVar("_R")
 
-# How long to wait for the backend to free a tensor once its collective has completed
-# (gloo frees it at once; a wait that times out leaves the result unchanged).
+# How long to wait for the backend to let go of a tensor once its collective has completed
+# (gloo's worker thread does within microseconds; a wait that times out changes no result).
 _RELEASE_TIMEOUT = 60.0
 
 
@@ -120,7 +125,7 @@ def _collective(
     run: Callable[[torch.Tensor], object],
     read: Callable[[torch.Tensor], _R],
 ) -> _R:
-    """One collective on a tensor of its own, returning once the backend has freed it.
+    """One collective on a tensor of its own, returning once the backend has let go of it.
 
     Args:
         make: makes the tensor to hand to the collective; nothing else may keep it.
@@ -128,19 +133,21 @@ def _collective(
         read: what to return, read from it after the collective; must not keep it.
 
     Returns:
-        ``read(tensor)``, once the tensor is freed (for CPU tensors): no thread of the
-        backend then holds it, so none can need the interpreter after this returns.
-        CUDA tensors are not waited for: NCCL completes collectives on the GPU, later.
+        ``read(tensor)``. For a CPU tensor, only once the tensor is freed: it is freed
+        when the last reference to it goes, so no thread of the backend holds it, nor
+        the work of the collective, and a later ``barrier()`` cannot keep it (see the
+        module's docstring). CUDA tensors are not waited for: NCCL frees them once its
+        own thread sees the collective done on the GPU, later.
     """
     sent = make()
     freed = threading.Event()
-    watch = weakref.ref(sent, lambda _: freed.set())
+    watch = weakref.ref(sent, lambda _: freed.set())  # called by the thread that frees it
     run(sent)
     result = read(sent)
     wait = sent.device.type == "cpu"
     del sent  # from here the backend's references are the last ones
     if wait and watch() is not None:
-        freed.wait(_RELEASE_TIMEOUT)  # releases the interpreter lock the worker needs
+        freed.wait(_RELEASE_TIMEOUT)  # releases the interpreter's lock, which freeing takes
     return result
 
 
