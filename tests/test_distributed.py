@@ -12,7 +12,6 @@ integration tests; the checks of the ``distributed`` argument run in the fast lo
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,33 +19,25 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = str(ROOT / "examples" / "distributed.py")
+from tests.problems import EXAMPLES, torchrun
+
+ROOT = EXAMPLES.parent
+EXAMPLE = str(EXAMPLES / "distributed.py")
+OPTIONS = ["--quick", "--dtype", "float64"]
 
 
-def run(command: list[str], out: Path) -> dict[str, torch.Tensor]:
-    environment = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
-    done = subprocess.run(
-        [*command, "--quick", "--dtype", "float64", "--out", str(out)],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    # A finished job exits 0, every time: an abort at exit fails the test.
-    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-    weights: dict[str, torch.Tensor] = torch.load(out, weights_only=True)
-    return weights
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    saved: dict[str, torch.Tensor] = torch.load(out, weights_only=True)
+    return saved
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("outer", ["constant", "adaptive"])
 def test_two_processes_match_one_on_the_whole_meta_batch(tmp_path: Path, outer: str) -> None:
-    one = run([sys.executable, EXAMPLE, "--outer", outer], tmp_path / "one.pt")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    two = run([*torchrun, EXAMPLE, "--outer", outer], tmp_path / "two.pt")
+    alone = [sys.executable, EXAMPLE, "--outer", outer, *OPTIONS, "--out", str(tmp_path / "1")]
+    subprocess.run(alone, cwd=ROOT, capture_output=True, timeout=300, check=True)
+    torchrun(EXAMPLE, "--outer", outer, *OPTIONS, "--out", str(tmp_path / "2"))
+    one, two = weights(tmp_path / "1"), weights(tmp_path / "2")
     assert one.keys() == two.keys()
     flat_one = torch.cat([one[n].reshape(-1) for n in one])
     flat_two = torch.cat([two[n].reshape(-1) for n in one])
@@ -57,19 +48,8 @@ def test_two_processes_match_one_on_the_whole_meta_batch(tmp_path: Path, outer: 
 @pytest.mark.integration
 def test_smoothness_estimates_combine_over_processes(tmp_path: Path) -> None:
     """Maxima of L, rho and b_max; b weighted by shard size; counts summed; nothing left."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    environment = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
-    done = subprocess.run(
-        [*torchrun, "-m", "tests.distributed_reduce"],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = torchrun("-m", "tests.distributed_reduce")
     output = f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-    assert done.returncode == 0, output
     assert done.stdout.count("done") == 2, output
     # torch_maml's reductions leave no tensor with gloo once they return (else a barrier
     # right after could keep it until the interpreter shuts down, and abort the exit).
@@ -99,18 +79,7 @@ def test_the_distributed_argument_is_checked() -> None:
 @pytest.mark.integration
 def test_uneven_steps_give_one_outcome_on_every_process(tmp_path: Path) -> None:
     """An empty shard, a refused shard and a process resumed one step behind."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    environment = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
-    done = subprocess.run(
-        [*torchrun, "-m", "tests.distributed_steps", str(tmp_path)],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    torchrun("-m", "tests.distributed_steps", str(tmp_path))
     seen = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)}
     refused_here = (
         "ValueError: 'tasks[0].support' holds an empty tensor (shape (0, 1)): every batch "
