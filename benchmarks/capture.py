@@ -23,14 +23,8 @@ from torch import Tensor, nn
 
 import torch_maml as tm
 
-from .workloads import WORKLOADS, Data, Workload, setup
-
-ESTIMATORS = {"FiniteSum": tm.FiniteSum, "Exact": tm.Exact}
-
-
-def _tasks(data: Data) -> tm.StackedTasks[tuple[Tensor, Tensor]]:
-    xs, ys, xq, yq = data
-    return tm.StackedTasks((xs, ys), (xq, yq))
+from .impls import ESTIMATORS, meta_optimizer, stacked_tasks
+from .workloads import WORKLOADS, Workload, setup
 
 
 def _batches(workload: Workload, count: int) -> list[tm.StackedTasks[tuple[Tensor, Tensor]]]:
@@ -40,7 +34,7 @@ def _batches(workload: Workload, count: int) -> list[tm.StackedTasks[tuple[Tenso
         data = workload.make_data(
             workload.tasks, torch.Generator().manual_seed(100 + seed), torch.float32
         )
-        batches.append(_tasks(tuple(t.cuda() for t in data)))  # type: ignore[arg-type]
+        batches.append(stacked_tasks(tuple(t.cuda() for t in data)))  # type: ignore[arg-type]
     return batches
 
 
@@ -61,13 +55,8 @@ def measure(workload: Workload, estimator: str, steps: int, rounds: int) -> dict
     captures = 0
     for capture in (False, "auto"):
         model, _ = setup(workload, torch.float32, "cuda")
-        optimizer = tm.MetaOptimizer(
-            model,
-            workload.loss_fn,
-            inner_loop=tm.GradientDescent(steps=steps, lr=workload.alpha),
-            estimator=ESTIMATORS[estimator](),
-            step_size=tm.Constant(1e-3),
-            capture=capture,
+        optimizer = meta_optimizer(
+            workload, model, steps, 1e-3, ESTIMATORS[estimator](), capture=capture
         )
         times[str(capture)] = [_timed(optimizer, tasks) for tasks in batches]
         weights.append([p.detach().clone() for p in model.parameters()])

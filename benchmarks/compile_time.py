@@ -23,26 +23,18 @@ import time
 
 import torch
 
-import torch_maml as tm
-from benchmarks.workloads import WORKLOADS, setup
-
-ESTIMATORS = {"FiniteSum": tm.FiniteSum, "Exact": tm.Exact}
+from .impls import ESTIMATORS, meta_optimizer, stacked_tasks
+from .workloads import WORKLOADS, setup
 
 
 def measure(workload_name: str, steps: int, estimator: str, device: str) -> dict[str, float]:
     """Seconds of each of the first three steps of a compiled optimizer, in this process."""
     workload = WORKLOADS[workload_name]
-    model, (xs, ys, xq, yq) = setup(workload, torch.float32, device)
-    meta_opt = tm.MetaOptimizer(
-        model,
-        workload.loss_fn,
-        inner_loop=tm.GradientDescent(steps=steps, lr=workload.alpha),
-        estimator=ESTIMATORS[estimator](),
-        step_size=tm.Constant(1e-3),
-        compile=True,
-        capture=False,
+    model, data = setup(workload, torch.float32, device)
+    meta_opt = meta_optimizer(
+        workload, model, steps, 1e-3, ESTIMATORS[estimator](), compile=True, capture=False
     )
-    tasks = tm.StackedTasks((xs, ys), (xq, yq))
+    tasks = stacked_tasks(data)
     seconds: dict[str, float] = {}
     for name in ("eager first step", "compiling step", "compiled step"):
         start = time.perf_counter()

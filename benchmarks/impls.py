@@ -29,21 +29,27 @@ Step = Callable[[], None]
 Gradient = dict[str, Tensor]
 
 
-def _tasks(data: Data) -> tm.StackedTasks[tuple[Tensor, Tensor]]:
+ESTIMATORS = {"FiniteSum": tm.FiniteSum, "Exact": tm.Exact}
+"""The estimators the capture and compile-time benchmarks measure, by name."""
+
+
+def stacked_tasks(data: Data) -> tm.StackedTasks[tuple[Tensor, Tensor]]:
+    """A workload's meta-batch as torch_maml takes it."""
     xs, ys, xq, yq = data
     return tm.StackedTasks((xs, ys), (xq, yq))
 
 
-def _meta_optimizer(
+def meta_optimizer(
     workload: Workload,
     model: nn.Module,
     steps: int,
     beta: float,
     estimator: Any,
-    compile: bool | Mapping[str, Any],
-    chunk: tm.execution.ChunkSize,
+    compile: bool | Mapping[str, Any] = False,
+    chunk: tm.execution.ChunkSize = "auto",
     capture: tm.execution.CaptureSetting = "auto",
 ) -> tm.MetaOptimizer[nn.Module, tuple[Tensor, Tensor]]:
+    """torch_maml on ``workload``: ``N = steps`` inner steps, ``Constant(beta)`` outer."""
     return tm.MetaOptimizer(
         model,
         workload.loss_fn,
@@ -69,8 +75,8 @@ def torch_maml(
     """
 
     def step(workload: Workload, model: nn.Module, data: Data, steps: int, beta: float) -> Step:
-        meta_opt = _meta_optimizer(workload, model, steps, beta, estimator, compile, chunk, capture)
-        tasks = _tasks(data)
+        meta_opt = meta_optimizer(workload, model, steps, beta, estimator, compile, chunk, capture)
+        tasks = stacked_tasks(data)
 
         def run() -> None:
             meta_opt.step(tasks)
@@ -79,8 +85,8 @@ def torch_maml(
 
     def gradient(workload: Workload, model: nn.Module, data: Data, steps: int) -> Gradient:
         model = copy.deepcopy(model)
-        meta_opt = _meta_optimizer(workload, model, steps, 1.0, estimator, compile, chunk, capture)
-        meta_opt.meta_backward(_tasks(data))
+        meta_opt = meta_optimizer(workload, model, steps, 1.0, estimator, compile, chunk, capture)
+        meta_opt.meta_backward(stacked_tasks(data))
         return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     return step, gradient

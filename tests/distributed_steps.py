@@ -7,6 +7,8 @@
    step still pairs the processes' collectives.
 3. Rank 1 resumes from a checkpoint one step older than rank 0's: both raise the same
    RuntimeError naming the steps, and neither changes its weights.
+4. As 2, with ``SmoothnessAdaptive(every=1)``, whose estimate of L, rho and b and whose
+   probe gradients, all-reduced before the meta gradient, meet the refusal first.
 
 Each process writes what it saw to ``OUT/rank<N>.json`` (``OUT``, the first argument);
 rank 0 prints "done" last.
@@ -26,13 +28,13 @@ import torch_maml as tm
 from tests.problems import make_mlp, mse_loss, regression_tasks, same, snapshot
 
 
-def build(distributed: bool) -> tm.MetaOptimizer[Any, Any]:
+def build(distributed: bool, step_size: tm.StepSizePolicy | None = None) -> Any:
     return tm.MetaOptimizer(
         make_mlp(0),
         mse_loss,
         inner_loop=tm.GradientDescent(steps=2, lr=0.1),
         estimator=tm.FiniteSum(),
-        step_size=tm.Constant(0.1),
+        step_size=step_size or tm.Constant(0.1),
         distributed=distributed,
     )
 
@@ -81,6 +83,15 @@ def main() -> None:
     before = snapshot(meta_opt.model)
     seen["stale checkpoint"] = error_of(lambda: meta_opt.step(tasks[rank:]))
     seen["stale changed nothing"] = same(snapshot(meta_opt.model), before)
+
+    # 4. refused while the step size is estimated
+    adaptive = tm.SmoothnessAdaptive.from_data(make_mlp(0), mse_loss, tasks, c_beta=80, every=1)
+    meta_opt = build(distributed=True, step_size=adaptive)
+    before = snapshot(meta_opt.model)
+    seen["refused, adaptive"] = error_of(lambda: meta_opt.step(tasks if rank == 0 else [empty]))
+    seen["refused, adaptive, changed nothing"] = same(snapshot(meta_opt.model), before)
+    meta_opt.step(tasks[rank:])  # still paired
+    seen["adaptive paired after refusal"] = not same(snapshot(meta_opt.model), before)
 
     (Path(sys.argv[1]) / f"rank{rank}.json").write_text(json.dumps(seen))
     dist.barrier()

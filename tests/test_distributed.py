@@ -89,14 +89,17 @@ def test_uneven_steps_give_one_outcome_on_every_process(tmp_path: Path) -> None:
         "RuntimeError: torch.distributed: another process's tasks were refused at this step "
         "(see its error); no process changed its weights"
     )
-    assert seen[0]["refused"] == refused_there
-    assert seen[1]["refused"] == refused_here
+    for key in ("refused", "refused, adaptive"):
+        assert seen[0][key] == refused_there
+        assert seen[1][key] == refused_here
     for rank, made in ((0, 4), (1, 2)):
         report = seen[rank]
         assert report["empty shard equals one process"]
         assert report["refused changed nothing"]
         assert report["paired after refusal"]
         assert report["stale changed nothing"]
+        assert report["refused, adaptive, changed nothing"]
+        assert report["adaptive paired after refusal"]
         assert report["stale checkpoint"] == (
             "RuntimeError: torch.distributed: the processes are at different meta steps (this "
             f"one has made {made} steps, others between 2 and 4); a process skipped a step or "

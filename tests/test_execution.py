@@ -302,14 +302,15 @@ BAD_LOSSES = [
     ),
 ]
 
-BAD_INPUT_ESTIMATORS: list[tuple[str, tm.MetaGradientEstimator, tm.InnerLoop]] = [
-    ("Exact", tm.Exact(), gd()),
+EVERY_ESTIMATOR: list[tuple[str, tm.MetaGradientEstimator, tm.InnerLoop]] = [
     ("FiniteSum", tm.FiniteSum(), gd()),
+    ("Exact", tm.Exact(), gd()),
     ("FirstOrder", tm.FirstOrder(), gd()),
     ("Reptile", tm.Reptile(), gd()),
-    ("HessianFree", tm.HessianFree(1e-3), gd()),
-    ("Implicit", tm.Implicit(cg_steps=3), tm.Proximal(gd(), LAM)),
+    ("HessianFree", tm.HessianFree(1e-4), gd()),
+    ("Implicit", tm.Implicit(cg_steps=4), tm.Proximal(gd(), LAM)),
 ]
+"""Each built-in estimator with an inner loop it takes."""
 # Every path for Exact and FiniteSum; the others on every path but the compiled ones
 # (the same compiled machinery, and each compiled case costs seconds).
 PATH_AND_ESTIMATOR = [
@@ -321,7 +322,7 @@ PATH_AND_ESTIMATOR = [
         marks=path.marks,
     )
     for path in EVERY_PATH
-    for name, estimator, inner_loop in BAD_INPUT_ESTIMATORS
+    for name, estimator, inner_loop in EVERY_ESTIMATOR
     if not cast(Path, path.values[0]).compile or name in ("Exact", "FiniteSum")
 ]
 
@@ -785,15 +786,7 @@ def test_a_stateful_inner_loop_compiles_to_the_same_result() -> None:
 # ---------------------------------------------------------------- capture (CUDA graphs), checked
 
 
-CAPTURE_CASES: list[tuple[str, tm.MetaGradientEstimator, tm.InnerLoop]] = [
-    ("FiniteSum", tm.FiniteSum(), gd()),
-    ("Exact", tm.Exact(), gd()),
-    ("FirstOrder", tm.FirstOrder(), gd()),
-    ("Reptile", tm.Reptile(), gd()),
-    ("HessianFree", tm.HessianFree(1e-4), gd()),
-    ("Implicit", tm.Implicit(cg_steps=4), tm.Proximal(gd(), LAM)),
-    ("FiniteSum, Adam", tm.FiniteSum(), tm.Adam(STEPS, ALPHA)),
-]
+CAPTURE_CASES = [*EVERY_ESTIMATOR, ("FiniteSum, Adam", tm.FiniteSum(), tm.Adam(STEPS, ALPHA))]
 
 
 def capturing(

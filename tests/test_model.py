@@ -261,6 +261,54 @@ def test_batch_norm_adapt_and_step_leave_running_stats() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        (nn.BatchNorm1d(3, track_running_stats=False), (5, 3)),
+        (nn.BatchNorm1d(3, affine=False, track_running_stats=False), (5, 3, 4)),
+        (nn.BatchNorm2d(3, track_running_stats=False, eps=1e-3), (4, 3, 2, 5)),
+        (nn.BatchNorm1d(3), (5, 3)),  # in training mode: batch statistics too
+    ],
+    ids=["1d", "1d no affine, sequence", "2d", "1d with running stats"],
+)
+def test_batch_norm_by_formula_is_the_kernel_to_rounding(layer: nn.Module, shape: Any) -> None:
+    """Values, gradients and second derivatives, with respect to input and affine weights."""
+    layer = layer.double()
+    generator = torch.Generator().manual_seed(0)
+    if getattr(layer, "affine", False):
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.uniform_(0.5, 1.5, generator=generator)
+    x = torch.randn(shape, dtype=torch.float64, generator=generator, requires_grad=True)
+    inputs = [x, *layer.parameters()]
+
+    def derivatives() -> list[Tensor]:
+        out = layer(x)
+        value = (out.tanh() * torch.arange(out.numel()).reshape(out.shape)).sum()
+        first = torch.autograd.grad(value, inputs, create_graph=True)
+        second = torch.autograd.grad(torch.stack([g.square().sum() for g in first]).sum(), inputs)
+        return [out.detach(), *(g.detach() for g in first), *second]
+
+    kernel = derivatives()
+    buffers = {n: b.clone() for n, b in layer.named_buffers()}
+    with tm.model.batch_norm_by_formula(layer):
+        formula = derivatives()
+    assert "forward" not in layer.__dict__  # the module's own forward again
+    for a, b in zip(formula, kernel, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(b, buffers[n]) for n, b in layer.named_buffers())  # none updated
+
+
+def test_batch_norm_by_formula_leaves_running_statistics_layers_and_own_forwards() -> None:
+    evaluated, own = nn.BatchNorm1d(3).eval(), nn.BatchNorm1d(3)
+    own.forward = own.forward  # type: ignore[method-assign]  # set on the instance
+    set_before = own.__dict__["forward"]
+    with tm.model.batch_norm_by_formula(nn.Sequential(evaluated, own)):
+        assert "forward" not in evaluated.__dict__  # normalises by running statistics
+        assert own.__dict__["forward"] is not set_before
+    assert own.__dict__["forward"] is set_before
+
+
 class CallCounter(nn.Module):
     """An MLP whose forward pass counts its calls in a buffer, in place."""
 

@@ -256,15 +256,23 @@ def all_reduce_estimate(
     count: int,
     group: dist.ProcessGroup,
     has_b: bool | None = None,
+    *,
+    refused: bool = False,
 ) -> SmoothnessEstimate:
     """Every process's estimate combined: maxima of L, rho, b_max; the mean of b; sums.
 
     ``has_b``: whether the meta-batch has a ``b`` (SupportQuery tasks); by default,
     whether this process's estimate has one (a process with no task has none).
+
+    Raises:
+        RuntimeError: another process's tasks were refused (see :func:`all_reduce_mean`).
     """
     largest = _all_reduce_values(
-        [estimate.L, estimate.rho, estimate.b_max or 0.0], group, dist.ReduceOp.MAX
+        [estimate.L, estimate.rho, estimate.b_max or 0.0, refused], group, dist.ReduceOp.MAX
     )
+    if largest[-1]:
+        _raise_if_refused(refused)
+        return estimate
     summed = _all_reduce_values(
         [(estimate.b or 0.0) * count, count, estimate.grad_evals, estimate.hvp_evals], group
     )

@@ -201,13 +201,17 @@ def batch_norm_by_formula(model: nn.Module) -> Iterator[None]:
         if isinstance(m, _BatchNorm)
         and (m.training or (m.running_mean is None and m.running_var is None))
     ]
+    own = [layer.__dict__.get("forward") for layer in layers]  # a forward set on the instance
     for layer in layers:
         layer.forward = types.MethodType(_batch_norm_formula, layer)  # type: ignore[method-assign]
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, forward in zip(layers, own, strict=True):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward  # type: ignore[method-assign]
 
 
 def _batch_norm_formula(layer: _BatchNorm, x: Tensor) -> Tensor:

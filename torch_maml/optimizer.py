@@ -852,19 +852,22 @@ class MetaOptimizer(torch.optim.Optimizer, Generic[ModelT, BatchT]):
         setting: Setting,
     ) -> SmoothnessEstimate:
         """:func:`~torch_maml.theory.estimate_smoothness` at ``w_k``, over all processes."""
-        if len(tasks) == 0:  # an empty shard: nothing measured, nothing counted
-            estimate = SmoothnessEstimate(0.0, 0.0, None, None, 0, True, 0, True, 0, 0)
-        else:
-            estimate = estimate_smoothness(
-                self.model,
-                self.loss_fn,
-                tasks,
-                adapted=self.adapted,
-                generator=self.generator,
-                **options,
-            )
+        nothing = SmoothnessEstimate(0.0, 0.0, None, None, 0, True, 0, True, 0, 0)
+        has_b = setting == "finite-sum"
+        estimate = nothing  # an empty shard: nothing measured, nothing counted
+        if len(tasks) > 0:
+            with self._refusals_shared(
+                lambda group: all_reduce_estimate(nothing, 0, group, has_b, refused=True)
+            ):
+                estimate = estimate_smoothness(
+                    self.model,
+                    self.loss_fn,
+                    tasks,
+                    adapted=self.adapted,
+                    generator=self.generator,
+                    **options,
+                )
         if self._group is not None:
-            has_b = setting == "finite-sum"
             estimate = all_reduce_estimate(estimate, len(tasks), self._group(), has_b)
         counts.grad_evals += estimate.grad_evals
         counts.hvp_evals += estimate.hvp_evals
