@@ -514,53 +514,6 @@ def dense_hessian(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     return torch.stack(rows)
 
 
-class _LossModule(nn.Module):
-    """``loss_fn(model, batch)`` as a module, for ``torch.func.functional_call``."""
-
-    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor]) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.loss_fn(self.model, batch)
-
-
-def unrolled_by_autograd(
-    model: nn.Module,
-    loss_fn: Callable[[nn.Module, Any], Tensor],
-    tasks: Sequence[tm.SupportQuery[Any]],
-    steps: int,
-    alpha: float,
-) -> Params:
-    """Mean meta gradient of any module, by autograd through the unrolled inner loop.
-
-    Gradient descent on each support set by ``torch.autograd.grad(create_graph=True)``,
-    the module evaluated at the iterates with ``torch.func.functional_call``: nothing of
-    torch_maml. For modules whose parameters are each registered once (no tied weights).
-    """
-    named = dict(model.named_parameters())
-    total = {name: torch.zeros_like(p) for name, p in named.items()}
-    closure = _LossModule(model, loss_fn)
-
-    def loss(weights: dict[str, Tensor], batch: Any) -> Tensor:
-        swapped = {f"model.{name}": t for name, t in weights.items()}
-        value: Tensor = torch.func.functional_call(closure, swapped, (batch,))
-        return value
-
-    for task in tasks:
-        w0 = {name: p.detach().clone().requires_grad_(True) for name, p in named.items()}
-        w = dict(w0)
-
-        for _ in range(steps):
-            grads = torch.autograd.grad(loss(w, task.support), list(w.values()), create_graph=True)
-            w = {name: p - alpha * g for (name, p), g in zip(w.items(), grads, strict=True)}
-        meta = torch.autograd.grad(loss(w, task.query), list(w0.values()))
-        for name, g in zip(w0, meta, strict=True):
-            total[name] = total[name] + g
-    return {name: t / len(tasks) for name, t in total.items()}
-
-
 def query_gradient_scale(
     weights: Weights,
     tasks: Sequence[tm.SupportQuery[Pair]],
